@@ -1,0 +1,1 @@
+"""ABM training (issue 4): ``python -m training --help``."""

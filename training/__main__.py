@@ -1,0 +1,55 @@
+"""Command line of the trainer: ``python -m training --data DIR --out RUN_DIR [options]``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from .checkpoint import save_state
+from .trainer import TrainConfig, Trainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig field as an option, with its default."""
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train ABM (L2R + R2L mutual learning, spec 4) on CROHME. Resumes from OUT/state "
+                    "when present; writes OUT/log.jsonl (one JSON line per epoch), OUT/state (resumable "
+                    "shards of <= 16 MiB) and OUT/best_engine (best 2014 ExpRate, an engine directory).")
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            p.add_argument("--model", type=json.loads, default={}, help="ModelConfig overrides as JSON")
+            continue
+        default = f.default
+        kind = {"int": int, "float": float, "str": str, "bool": None}.get(str(f.type).split(" ")[0], None)
+        if isinstance(default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
+                           default=default, help=f"(default {default})")
+        elif default is None:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=float if "float" in str(f.type) else int,
+                           default=None, help="(default: none)")
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
+                           help=f"(default {default})")
+    p.add_argument("--export-compact", metavar="DIR", help="after training, also write the compact "
+                   "(bf16 moments, no first moment) state to DIR, for carrying to another machine")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    trainer = Trainer(TrainConfig(**values))
+    meta = trainer.run()
+    if args.export_compact:
+        save_state(args.export_compact, trainer.model, trainer.opt, trainer.meta, compact=True,
+                   keep_first_moment=False)
+    print(json.dumps({"done": True, "epoch": meta["epoch"], "best_exprate": meta["best_exprate"],
+                      "best_epoch": meta["best_epoch"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

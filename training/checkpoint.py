@@ -1,0 +1,109 @@
+"""Resumable training state as safetensors shards of at most 16 MiB (device-call transfer limits).
+
+Two forms:
+- ``full``: fp32 weights and fp32 optimizer state: exact resume on the same machine;
+- ``compact``: fp32 weights, optimizer moments in bf16 (and optionally without the first moment):
+  small enough to carry between device machines (about 50 MB for ABM with AdamW).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHARD_BYTES = 16 * 1024 * 1024 - 64 * 1024   # leave room for the safetensors header
+META_FILE = "state.json"
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], out: Path, prefix: str) -> list[str]:
+    from safetensors.torch import save_file
+
+    files, cur, size = [], {}, 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if nbytes > SHARD_BYTES:
+            raise ValueError(f"tensor {name} ({nbytes} bytes) is larger than one shard")
+        if cur and size + nbytes > SHARD_BYTES:
+            files.append(f"{prefix}-{len(files):03d}.safetensors")
+            save_file(cur, str(out / files[-1]))
+            cur, size = {}, 0
+        cur[name] = t
+        size += nbytes
+    if cur:
+        files.append(f"{prefix}-{len(files):03d}.safetensors")
+        save_file(cur, str(out / files[-1]))
+    return files
+
+
+def save_state(out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               meta: dict[str, Any], compact: bool = False, keep_first_moment: bool = True) -> Path:
+    """Write weights, optimizer state, RNG states and ``meta`` (epoch, step, schedule...) to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    names = {i: n for i, (n, _) in enumerate(model.named_parameters())}
+    scalars: dict[str, Any] = {}
+    for pid, st in opt["state"].items():
+        for key, val in st.items():
+            if not torch.is_tensor(val) or val.dim() == 0:
+                scalars[f"{names[pid]}.{key}"] = float(val)
+                continue
+            if compact and key == "exp_avg" and not keep_first_moment:
+                continue
+            tensors[f"opt.{names[pid]}.{key}"] = val.to(torch.bfloat16) if compact else val
+    files = _write_shards(tensors, out, "state")
+    rng = io.BytesIO()
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, rng)
+    doc = {"meta": meta, "files": files, "compact": compact, "param_groups": opt["param_groups"],
+           "scalars": scalars, "rng": base64.b64encode(rng.getvalue()).decode()}
+    (out / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return out
+
+
+def has_state(path: str | Path) -> bool:
+    """True when ``path`` holds a saved training state."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def load_state(in_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what ``save_state`` wrote; returns its ``meta``. Missing moments start at zero."""
+    from safetensors.torch import load_file
+
+    src = Path(in_dir)
+    doc = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in doc["files"]:
+        tensors.update(load_file(str(src / f)))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = dict(model.named_parameters())
+    order = list(params)
+    state: dict[int, dict[str, Any]] = {}
+    for i, name in enumerate(order):
+        st: dict[str, Any] = {}
+        for key in ("exp_avg", "exp_avg_sq", "square_avg", "acc_delta", "momentum_buffer"):
+            t = tensors.get(f"opt.{name}.{key}")
+            if t is not None:
+                st[key] = t.to(params[name].device, torch.float32)
+        if "exp_avg_sq" in st and "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(st["exp_avg_sq"])
+        for key in ("step",):
+            v = doc["scalars"].get(f"{name}.{key}")
+            if v is not None:
+                st[key] = torch.tensor(v)
+        if st:
+            state[i] = st
+    optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+    rng = torch.load(io.BytesIO(base64.b64decode(doc["rng"])), weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return doc["meta"]

@@ -1,0 +1,82 @@
+"""Training losses of spec 4.3: per-branch cross-entropy and the L2R/R2L distillation KL."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_ce(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """CE averaged within each sample over its n_b + 1 steps, then over the batch (spec 4.3).
+
+    logits [B, T, K], targets [B, T], lengths [B] = n_b (symbols; the +1 is the end token).
+    """
+    B, T, K = logits.shape
+    nll = F.cross_entropy(logits.float().reshape(B * T, K), targets.reshape(B * T), reduction="none").view(B, T)
+    steps = lengths + 1
+    valid = torch.arange(T, device=logits.device)[None, :] < steps[:, None]
+    return ((nll * valid).sum(1) / steps).mean()
+
+
+def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over rows of KL(softmax(p/T) || softmax(q/T)), rows paired by position."""
+    logq = torch.log_softmax(p_logits.float() / temperature, -1)
+    logr = torch.log_softmax(q_logits.float() / temperature, -1)
+    return (logq.exp() * (logq - logr)).sum(-1).mean()
+
+
+def paper_pairs(lengths: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper code's pairing (spec 4.3), kept to compare: L2R rows (t = 1..T-1, then b) with
+    t <= n_b, against R2L rows (s = T-1 down to 1, then b) with s <= n_b, i-th with i-th.
+    Returns (l2r_b, l2r_t, r2l_b, r2l_t)."""
+    B = lengths.shape[0]
+    steps = torch.arange(T, device=lengths.device)[:, None].expand(T, B)             # [T, B] time-major
+    keep = (steps >= 1) & (steps <= lengths[None, :])
+    lt, lb = keep.nonzero(as_tuple=True)                                              # t ascending, then b
+    keep_rev = keep.flip(0)                                                           # s = T-1 .. 0
+    rs, rb = keep_rev.nonzero(as_tuple=True)
+    return lb, lt, rb, T - 1 - rs
+
+
+def distillation_kl(l2r_logits: torch.Tensor, r2l_logits: torch.Tensor, lengths: torch.Tensor,
+                    pairing: str = "aligned", temperature: float = 4.0) -> torch.Tensor:
+    """KL(softmax(z_L2R / T) || softmax(z_R2L / T)) averaged over paired rows; gradients reach both.
+
+    ``aligned`` (our default, spec 7.1's fix): rows that predict the same target token of the same
+    sample. L2R step t predicts y_{t+1}; R2L step n-1-t predicts y_{t+1}; t < n_b (end tokens left
+    out), N = sum n_b rows. Done with a gather and a mask, so no host synchronisation.
+    ``paper``: the official code's pairing (see ``paper_pairs``), kept to compare.
+    """
+    B, T, K = l2r_logits.shape
+    if pairing == "aligned":
+        t = torch.arange(T, device=lengths.device)[None, :]
+        valid = t < lengths[:, None]                                            # [B, T]
+        r_idx = (lengths[:, None] - 1 - t).clamp(min=0)
+        r2l = r2l_logits.gather(1, r_idx[..., None].expand(B, T, K))
+        logq = torch.log_softmax(l2r_logits.float() / temperature, -1)
+        logr = torch.log_softmax(r2l.float() / temperature, -1)
+        rows = (logq.exp() * (logq - logr)).sum(-1)
+        return (rows * valid).sum() / valid.sum().clamp(min=1)
+    if pairing == "paper":
+        lb, lt, rb, rt = paper_pairs(lengths, T)
+        return _kl_rows(l2r_logits[lb, lt], r2l_logits[rb, rt], temperature)
+    raise ValueError(f"pairing must be 'aligned' or 'paper', got {pairing!r}")
+
+
+def teacher_tensors(token_ids: list[list[int]], sos: int = 0, eos: int = 1
+                    ) -> dict[str, torch.Tensor]:
+    """Decoder inputs/targets of spec 4.2 for both directions, padded to T = max n + 1."""
+    B = len(token_ids)
+    n = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+    T = int(n.max()) + 1
+    l2r_in = torch.full((B, T), sos, dtype=torch.long)
+    l2r_tgt = torch.full((B, T), eos, dtype=torch.long)
+    r2l_in = torch.full((B, T), eos, dtype=torch.long)
+    r2l_tgt = torch.full((B, T), sos, dtype=torch.long)
+    for i, ids in enumerate(token_ids):
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        k = len(ids)
+        l2r_in[i, 1:k + 1] = ids_t
+        l2r_tgt[i, :k] = ids_t
+        r2l_in[i, 1:k + 1] = ids_t.flip(0)
+        r2l_tgt[i, :k] = ids_t.flip(0)
+    return {"lengths": n, "l2r_in": l2r_in, "l2r_tgt": l2r_tgt, "r2l_in": r2l_in, "r2l_tgt": r2l_tgt}

@@ -1,0 +1,226 @@
+"""The ABM trainer: mutual learning of L2R and R2L on a shared encoder (spec 4), built for speed.
+
+Speed levers used here: every image decoded once and kept on the GPU as fixed padded batches
+(bucketed by size, few distinct shapes for cuDNN's tuner), bf16 autocast, ``U_a F`` once per
+batch and the folded coverage convolution (``DecoderBranch.teacher_forward``), embedding-side and
+output matmuls batched over all steps, no host synchronisation inside an epoch (losses are summed on
+the device), and validation decoded with the batched beam search.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from abm_rt.data.crohme import read_split
+from abm_rt.data.vocab import Vocab
+from abm_rt.decode import beam_search
+from abm_rt.engine_dir import save_engine
+from abm_rt.metrics import score_predictions
+from abm_rt.model import ABM, ModelConfig, initialize
+
+from .checkpoint import has_state, load_state, save_state
+from .losses import distillation_kl, sequence_ce
+from .packed import PackedBatch, pack_split
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved with the run)."""
+
+    data: str = "../shared/data/crohme"
+    out: str = "runs/abm"
+    epochs: int = 120
+    time_budget: float | None = None    # seconds; fixes the epoch count after epoch 2 from measured speed
+    stop_after: float | None = None     # seconds for this invocation: save and exit before the next epoch
+                                        # would overrun it (device calls are capped at 10 minutes)
+    optimizer: str = "adamw"            # "adamw" (ours) or "adadelta" (spec 4.4)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.02
+    clip: float = 5.0
+    max_batch: int = 64
+    batch_pixels: int = 2_000_000       # padded pixels per training batch
+    pairing: str = "aligned"            # KL pairing: "aligned" (fixed) or "paper"
+    kl_weight: float = 8.0              # beta * T^2 = 0.5 * 16 (spec 4.3)
+    bidirectional: bool = True          # False: the L2R-only baseline
+    precision: str = "bf16"             # "bf16" autocast or "fp32"
+    val_every: int = 2
+    val_from: int = 0                   # no validation decode before this epoch
+    val_beam: int = 10
+    val_batch_pixels: int = 4_000_000
+    seed: int = 1
+    train_limit: int | None = None
+    val_limit: int | None = None
+    device: str = "auto"
+    model: dict = field(default_factory=dict)   # ModelConfig overrides (tests use small models)
+
+
+def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_epochs: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    total = max(warm + 1, total_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = min(1.0, (step - warm) / (total - warm))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class Trainer:
+    """Owns the model, optimizer, packed data and run directory of one training run."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if cfg.device == "auto" else cfg.device))
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.vocab = Vocab.default()
+        self.model = ABM(ModelConfig(**cfg.model), bidirectional=cfg.bidirectional)
+        initialize(self.model)
+        self.model.to(self.device)
+        params = self.model.parameters()
+        if cfg.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
+        elif cfg.optimizer == "adadelta":
+            self.opt = torch.optim.Adadelta(params, lr=cfg.lr, rho=0.9, eps=1e-6, weight_decay=cfg.weight_decay)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'adadelta', got {cfg.optimizer!r}")
+        t0 = time.time()
+        data = Path(cfg.data)
+        train = read_split(data / "train", limit=cfg.train_limit)
+        val = read_split(data / "2014", limit=cfg.val_limit)
+        self.train_batches = pack_split(train, self.vocab, self.device, cfg.max_batch, cfg.batch_pixels)
+        self.val_batches = pack_split(val, self.vocab, self.device, 128, cfg.val_batch_pixels)
+        self.n_train, self.n_val = len(train), len(val)
+        self.load_seconds = time.time() - t0
+        self.meta: dict[str, Any] = {"epoch": 0, "step": 0, "total_epochs": cfg.epochs, "best_exprate": -1.0,
+                                     "best_epoch": None, "train_seconds": 0.0, "config": asdict(cfg)}
+        if has_state(self.out / "state"):
+            self.meta.update(load_state(self.out / "state", self.model, self.opt))
+
+    # ---- one epoch --------------------------------------------------------------------------------
+    def _loss(self, b: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, pmask = b.inputs()
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        with amp:
+            feats, fmask = self.model.encode(x, pmask)
+            zl, _ = self.model.l2r.teacher_forward(feats, fmask, b.l2r_in)
+            ce_l = sequence_ce(zl, b.l2r_tgt, b.lengths)
+            if self.model.r2l is None:
+                zero = ce_l.new_zeros(())
+                return ce_l, torch.stack([ce_l, zero, zero])
+            zr, _ = self.model.r2l.teacher_forward(feats, fmask, b.r2l_in)
+        ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths)
+        kl = distillation_kl(zl, zr, b.lengths, self.cfg.pairing)
+        loss = ce_l + ce_r + self.cfg.kl_weight * kl
+        return loss, torch.stack([ce_l.detach(), ce_r.detach(), kl.detach()])
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the fixed batches in a shuffled order; returns mean losses and timing."""
+        self.model.train()
+        order = list(range(len(self.train_batches)))
+        random.Random(self.cfg.seed * 100003 + self.meta["epoch"]).shuffle(order)
+        sums = torch.zeros(3, device=self.device)
+        spe = len(order)
+        t0 = time.time()
+        for bi in order:
+            lr = _lr_at(self.cfg, self.meta["step"], spe, self.meta["total_epochs"])
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            loss, parts = self._loss(self.train_batches[bi])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+            self.opt.step()
+            sums += parts
+            self.meta["step"] += 1
+        means = (sums / spe).tolist()           # the epoch's one host synchronisation
+        secs = time.time() - t0
+        return {"ce_l2r": means[0], "ce_r2l": means[1], "kl": means[2], "lr": lr,
+                "epoch_seconds": secs, "images_per_s": self.n_train / secs}
+
+    # ---- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, decode: bool) -> dict[str, Any]:
+        """Teacher-forced L2R CE on 2014 (spec 4.6) and, if ``decode``, beam-search ExpRate."""
+        self.model.eval()
+        t0 = time.time()
+        ce_sum = torch.zeros((), device=self.device)
+        preds, refs = [], []
+        for b in self.val_batches:
+            x, pmask = b.inputs()
+            feats, fmask = self.model.encode(x, pmask)
+            zl, _ = self.model.l2r.teacher_forward(feats, fmask, b.l2r_in)
+            ce_sum += sequence_ce(zl, b.l2r_tgt, b.lengths)
+            if decode:
+                for seq in beam_search(self.model.l2r, feats, fmask, self.cfg.val_beam, check_every=4):
+                    preds.append(None if seq.truncated else self.vocab.decode(seq.tokens))
+                refs.extend(b.tokens)
+        out: dict[str, Any] = {"val_ce": float(ce_sum) / len(self.val_batches)}
+        if decode:
+            out.update({f"val_{k}": v for k, v in score_predictions(preds, refs).to_dict().items()})
+        out["val_seconds"] = time.time() - t0
+        return out
+
+    # ---- the run -------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    def run(self) -> dict[str, Any]:
+        """Train until the epoch count (or the time budget) is reached; returns the final meta."""
+        cfg = self.cfg
+        start = time.time()
+        self._log({"event": "start", "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+                   "train_images": self.n_train, "train_batches": len(self.train_batches),
+                   "val_images": self.n_val, "load_seconds": round(self.load_seconds, 2),
+                   "resumed_epoch": self.meta["epoch"], "config": asdict(cfg)})
+        first_epoch = self.meta["epoch"]
+        while self.meta["epoch"] < self.meta["total_epochs"]:
+            stats = self.train_epoch()
+            self.meta["epoch"] += 1
+            self.meta["train_seconds"] += stats["epoch_seconds"]
+            e = self.meta["epoch"]
+            last = e >= self.meta["total_epochs"]
+            decode = last or (e >= cfg.val_from and e % cfg.val_every == 0)
+            val = self.validate(decode)
+            record = {"epoch": e, "step": self.meta["step"], **stats, **val,
+                      "elapsed": round(time.time() - start, 1)}
+            if decode and val["val_exprate"] > self.meta["best_exprate"]:
+                self.meta["best_exprate"], self.meta["best_epoch"] = val["val_exprate"], e
+                save_engine(self.out / "best_engine", self.model, self.vocab,
+                            provenance={"trained_by": "abm_rt training", "epoch": e,
+                                        "val_2014": {k[4:]: v for k, v in val.items() if k.startswith("val_")},
+                                        "train_config": asdict(cfg)})
+                record["saved_best"] = True
+            if cfg.time_budget and e == 2 and not self.meta.get("budget_fixed"):
+                per_epoch = (time.time() - start) / 2
+                left = cfg.time_budget - (time.time() - start) - self.load_seconds
+                self.meta["total_epochs"] = min(cfg.epochs, e + max(1, int(left / (per_epoch * 1.08))))
+                self.meta["budget_fixed"] = True
+                record["total_epochs_fixed"] = self.meta["total_epochs"]
+            self._log(record)
+            save_state(self.out / "state", self.model, self.opt, self.meta)
+            if cfg.stop_after is not None:
+                per_epoch = (time.time() - start) / (e - first_epoch)
+                if time.time() - start + per_epoch * 1.15 > cfg.stop_after:
+                    self._log({"event": "pause", "epoch": e, "elapsed": round(time.time() - start, 1)})
+                    break
+        return self.meta
