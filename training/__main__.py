@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
                            default=default, help=f"(default {default})")
+        elif isinstance(default, tuple):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: tuple(int(x) for x in s.split(",")),
+                           default=default, help=f"comma separated (default {','.join(map(str, default))})")
         elif default is None:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=float if "float" in str(f.type) else int,
                            default=None, help="(default: none)")

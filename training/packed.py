@@ -15,7 +15,7 @@ from .losses import teacher_tensors
 
 @dataclass
 class PackedBatch:
-    """One batch: uint8 images padded to a multiple of 16, sizes for the mask, teacher tensors."""
+    """One batch: uint8 images padded to multiples of (mh, mw), sizes for the mask, teacher tensors."""
 
     images: torch.Tensor        # [B, 1, H, W] uint8, white ink on black, top-left aligned
     heights: torch.Tensor       # [B]
@@ -37,14 +37,15 @@ class PackedBatch:
 
 
 def pack_split(samples: list[Sample], vocab: Vocab, device: torch.device, max_batch: int,
-               max_batch_pixels: int, multiple: int = 16) -> list[PackedBatch]:
+               max_batch_pixels: int, multiple: tuple[int, int] = (16, 16)) -> list[PackedBatch]:
     """Bucket ``samples`` by size (``size_batches``) and upload every batch once."""
     sizes = [s.image.shape for s in samples]
     out = []
     for idx in size_batches(sizes, max_batch, max_batch_pixels):
         group = [samples[i] for i in idx]
-        H = -(-max(s.image.shape[0] for s in group) // multiple) * multiple
-        W = -(-max(s.image.shape[1] for s in group) // multiple) * multiple
+        mh, mw = multiple
+        H = -(-max(s.image.shape[0] for s in group) // mh) * mh
+        W = -(-max(s.image.shape[1] for s in group) // mw) * mw
         img = np.zeros((len(group), 1, H, W), np.uint8)
         for j, s in enumerate(group):
             img[j, 0, :s.image.shape[0], :s.image.shape[1]] = s.image
