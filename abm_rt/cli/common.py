@@ -1,0 +1,35 @@
+"""Options shared by the subcommands that run the model."""
+from __future__ import annotations
+
+import argparse
+
+from ..data.images import ImageOptions
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--engine, --device, --beam, --batch-size, --max-len and the image options."""
+    p.add_argument("--engine", metavar="DIR", help="engine directory (default: the model bundled with abm_rt)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--beam", type=int, default=10, help="beam width (default 10, as the paper)")
+    p.add_argument("--batch-size", type=int, default=32, help="images decoded together (default 32)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="decode steps before giving up on an expression; its best partial result is then "
+                        "returned marked truncated (default 256)")
+    g = p.add_argument_group("image input (the model expects white ink on black, about 94 px high)")
+    g.add_argument("--invert", choices=("auto", "always", "never"), default="auto",
+                   help="auto: invert images with a bright background, e.g. dark ink on paper (default)")
+    g.add_argument("--binarize", action="store_true", help="threshold to black/white (Otsu): for scans and photos")
+    g.add_argument("--height", type=int, default=None, metavar="PX",
+                   help="rescale each image to this height first (e.g. 94 for photos far from the training scale)")
+    g.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels,
+                   help=f"larger images are downscaled to this many pixels (default {ImageOptions.max_pixels})")
+
+
+def make_recognizer(args: argparse.Namespace):
+    """A Recognizer built from the parsed model options."""
+    from ..recognizer import Recognizer
+
+    opts = ImageOptions(invert=args.invert, binarize=args.binarize, target_height=args.height,
+                        max_pixels=args.max_pixels)
+    return Recognizer(args.engine, device=args.device, beam_size=args.beam, max_batch_size=args.batch_size,
+                      max_len=args.max_len, image_options=opts)

@@ -1,0 +1,176 @@
+"""The Recognizer: images in, LaTeX out. It orchestrates only; each step lives in its own module:
+image decoding (data/images), size bucketing and padding (data/buckets), encoding (model), beam
+search (decode), ids -> LaTeX (data/vocab)."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .data.buckets import pad_batch, size_batches
+from .data.images import ImageError, ImageOptions, LoadedImage, load_image
+from .decode import beam_search
+from .engine_dir import Engine, EngineError, contains_engine, default_engine_path, load_engine
+from .result import Result
+
+# Items that predict() treats as one image rather than as a batch of images.
+_SINGLE = (str, Path, bytes, bytearray, memoryview, np.ndarray, torch.Tensor)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {str(device)!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this PyTorch sees no CUDA GPU: use device='cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {str(device)!r}")
+    return dev
+
+
+def load_default_engine() -> Engine:
+    """The engine bundled inside the package, or a clear error when this build bundles none."""
+    path = default_engine_path()
+    if not contains_engine(path):
+        raise EngineError("no trained model is bundled with this abm_rt yet: pass Recognizer(engine=PATH) with an "
+                          "engine directory (written by the trainer, `python -m training`)")
+    return load_engine(path)
+
+
+class Recognizer:
+    """Recognizes handwritten math in images and returns LaTeX.
+
+    Args:
+        engine: an engine directory (path), a loaded ``Engine``, or None for the bundled default.
+        device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
+        beam_size: beam width k (the paper uses 10).
+        max_batch_size: images encoded and decoded together (similar sizes are grouped).
+        max_batch_pixels: padded pixels per batch (bounds memory).
+        max_len: decode steps before an unfinished hypothesis is returned with ``truncated=True``.
+        image_options: how inputs are normalized (inversion, binarization, rescaling, pixel cap).
+
+    A Recognizer may be shared between threads: ``predict`` calls run one at a time.
+    """
+
+    def __init__(self, engine: str | Path | Engine | None = None, device: str = "auto", beam_size: int = 10,
+                 max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
+                 image_options: ImageOptions | None = None):
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if max_batch_size < 1 or max_batch_pixels < 1:
+            raise ValueError("max_batch_size and max_batch_pixels must be positive")
+        if engine is None:
+            self.engine = load_default_engine()
+        elif isinstance(engine, Engine):
+            self.engine = engine
+        else:
+            self.engine = load_engine(engine)
+        self.device = resolve_device(device)
+        self.model = self.engine.model.to(self.device).eval()
+        self.vocab = self.engine.vocab
+        self.beam_size = beam_size
+        self.max_batch_size = max_batch_size
+        self.max_batch_pixels = max_batch_pixels
+        self.max_len = max_len
+        self.image_options = image_options or ImageOptions()
+        self._lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        """What this Recognizer runs: engine, device, backends and why they were chosen."""
+        cfg = self.engine.config
+        return {
+            "engine": str(self.engine.path),
+            "format_version": cfg.get("format_version"),
+            "precision": cfg.get("precision"),
+            "provenance": cfg.get("provenance", {}),
+            "device": str(self.device),
+            "encoder_backend": "pytorch",
+            "decoder": "pytorch batched beam search",
+            "why": "PyTorch is the only backend in this build (ONNX Runtime, TensorRT and the custom kernel "
+                   "arrive with issues 5 and 6)",
+            "beam_size": self.beam_size,
+            "max_len": self.max_len,
+        }
+
+    def predict(self, images: Any, return_attention: bool = False, progress: bool = False) -> list[Result]:
+        """Recognize ``images``: a list (or tuple) of items, or one item.
+
+        An item is a file path, encoded file bytes, a ``PIL.Image``, a numpy array or a torch tensor.
+        Returns one ``Result`` per item, in input order. A bad item gets ``Result.error`` and never
+        stops the others.
+        """
+        items = [images] if isinstance(images, _SINGLE) or not isinstance(images, Sequence) else list(images)
+        results = [Result(index=i) for i in range(len(items))]
+        loaded: dict[int, LoadedImage] = {}
+        for i, item in enumerate(items):
+            try:
+                loaded[i] = load_image(item, self.image_options)
+                results[i].notes = list(loaded[i].notes)
+            except ImageError as e:
+                results[i].error = str(e)
+            except Exception as e:  # noqa: BLE001 - one item's surprise must not take down the batch
+                results[i].error = f"could not read item {i}: {type(e).__name__}: {e}"
+        good = sorted(loaded)
+        groups = size_batches([loaded[i].pixels.shape for i in good], self.max_batch_size, self.max_batch_pixels)
+        bar = _progress_bar(len(items), progress)
+        bar.update(len(items) - len(good))
+        with self._lock:
+            for group in groups:
+                idx = [good[j] for j in group]
+                self._run_batch(idx, loaded, results, return_attention)
+                bar.update(len(idx))
+        bar.close()
+        return results
+
+    def _run_batch(self, idx: list[int], loaded: dict[int, LoadedImage], results: list[Result],
+                   return_attention: bool) -> None:
+        """Encode and decode one size bucket; if the batch fails as a whole, retry its items one by one."""
+        try:
+            seqs = self._decode([loaded[i].pixels for i in idx], return_attention)
+        except Exception as e:  # noqa: BLE001
+            if len(idx) == 1:
+                results[idx[0]].error = f"recognition failed: {type(e).__name__}: {e}"
+                return
+            for i in idx:
+                self._run_batch([i], loaded, results, return_attention)
+            return
+        for i, seq in zip(idx, seqs):
+            r = results[i]
+            r.tokens = self.vocab.decode(seq.tokens)
+            r.latex = " ".join(r.tokens)
+            r.score = -seq.normalized_score
+            r.truncated = seq.truncated
+            r.attention = seq.attention if return_attention else None
+
+    @torch.inference_mode()
+    def _decode(self, pixels: list[np.ndarray], return_attention: bool):
+        x, pixel_mask = pad_batch(pixels, multiple=16)
+        features, mask = self.model.encode(x.to(self.device), pixel_mask.to(self.device))
+        return beam_search(self.model.l2r, features, mask, self.beam_size, max_len=self.max_len,
+                           return_attention=return_attention, check_every=4 if self.device.type == "cuda" else 1)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar on stderr when asked for (and tqdm is installed), else a no-op."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="img", dynamic_ncols=True, leave=False)
