@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import evaluate, info, recognize, train
+from . import build_engine, evaluate, info, recognize, train
 
-COMMANDS = {"recognize": recognize, "eval": evaluate, "info": info, "train": train}
+COMMANDS = {"recognize": recognize, "eval": evaluate, "info": info, "train": train,
+            "build-engine": build_engine}
 
 
 def build_parser() -> argparse.ArgumentParser:
