@@ -74,6 +74,18 @@ def has_state(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
+def load_model_weights(in_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Only the model weights (``model.`` tensors, prefix removed) and ``meta`` of a saved state."""
+    from safetensors.torch import load_file
+
+    src = Path(in_dir)
+    doc = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+    weights: dict[str, torch.Tensor] = {}
+    for f in doc["files"]:
+        weights.update({k[6:]: v for k, v in load_file(str(src / f)).items() if k.startswith("model.")})
+    return weights, doc["meta"]
+
+
 def load_state(in_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore what ``save_state`` wrote; returns its ``meta``. Missing moments start at zero."""
     from safetensors.torch import load_file

@@ -8,12 +8,12 @@ at the end, so no token lists are copied inside the loop.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..data.vocab import EOS_ID, SOS_ID
 from ..model.decoder import DecoderBranch
-from .types import DecodedSequence, default_max_len, length_normalized
+from .backtrack import SearchHistory, backtrack
+from .types import DecodedSequence, default_max_len
 
 
 @torch.no_grad()
@@ -102,51 +102,10 @@ def beam_search(branch: DecoderBranch, features: torch.Tensor, mask: torch.Tenso
             break
 
     # One transfer to the host, then rebuild each winner from the back-pointers.
-    W = torch.stack(words).cpu().numpy()          # [T, B, k]
-    P = torch.stack(parents).cpu().numpy()
-    S = torch.stack(sources).cpu().numpy()
-    A = torch.stack(alphas).float().cpu().numpy() if return_attention else None
-    fin_score_np, fin_step_np, fin_cand_np = fin_score.cpu().numpy(), fin_step.cpu().numpy(), fin_cand.cpu().numpy()
-    dead_np, score_np = dead.cpu().numpy(), score.cpu().numpy()
-    valid_hw = mask.cpu().numpy()
-
-    results = []
-    for b in range(B):
-        if dead_np[b] > 0:
-            n = int(dead_np[b])
-            norms = [length_normalized(float(fin_score_np[b, i]), int(fin_step_np[b, i])) for i in range(n)]
-            i = int(np.argmin(norms))            # first of equal values, like min()
-            t_end, cand, truncated = int(fin_step_np[b, i]), int(fin_cand_np[b, i]), False
-            raw, norm = float(fin_score_np[b, i]), norms[i]
-        else:
-            t_end = steps - 1
-            live = [s for s in range(k) if np.isfinite(score_np[b, s])]
-            norms = [length_normalized(float(score_np[b, s]), steps) for s in live]
-            s = live[int(np.argmin(norms))]
-            cand, truncated = int(S[t_end, b, s]), True
-            raw, norm = float(score_np[b, s]), min(norms)
-        tokens, att_rows = [], []
-        t, c = t_end, cand
-        while t >= 0:
-            p = int(P[t, b, c])
-            tokens.append(int(W[t, b, c]))
-            att_rows.append((t, p))
-            if t > 0:
-                c = int(S[t - 1, b, p])
-            t -= 1
-        tokens.reverse()
-        att_rows.reverse()
-        if not truncated:                        # drop the end token and its attention
-            tokens, att_rows = tokens[:-1], att_rows[:-1]
-        attention = None
-        if A is not None:
-            hv, wv = _valid_extent(valid_hw[b])
-            attention = (np.stack([A[t, b, p, :hv, :wv] for t, p in att_rows]) if att_rows
-                         else np.zeros((0, hv, wv), np.float32))
-        results.append(DecodedSequence(tokens, raw, norm, truncated, attention))
-    return results
-
-
-def _valid_extent(valid: np.ndarray) -> tuple[int, int]:
-    """(rows, cols) of the top-left valid block of a feature mask (images sit at the top-left)."""
-    return int(valid.any(1).sum()), int(valid.any(0).sum())
+    history = SearchHistory(
+        words=torch.stack(words).cpu().numpy(), parents=torch.stack(parents).cpu().numpy(),
+        sources=torch.stack(sources).cpu().numpy(), fin_score=fin_score.cpu().numpy(),
+        fin_step=fin_step.cpu().numpy(), fin_cand=fin_cand.cpu().numpy(), dead=dead.cpu().numpy(),
+        score=score.cpu().numpy(), steps=steps, valid=mask.cpu().numpy(),
+        alphas=torch.stack(alphas).float().cpu().numpy() if return_attention else None)
+    return backtrack(history)
