@@ -105,6 +105,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def update_config(path: str | Path, **entries: Any) -> dict[str, Any]:
+    """Set top-level ``config.json`` entries of an existing engine directory (e.g. ``files``, ``export``
+    after ``abm-rt convert`` adds exported graphs); returns the new config. A dict value replaces the
+    old one whole. ``format_version`` and the model/vocabulary identity cannot be changed here."""
+    fixed = {"format_version", "model", "vocab_size", "vocab_sha256"}
+    bad = sorted(fixed & set(entries))
+    if bad:
+        raise ValueError(f"update_config cannot change {bad}: write a new engine with save_engine")
+    path = Path(path)
+    config = read_config(path)
+    config.update(entries)
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config
+
+
 def load_engine(path: str | Path) -> Engine:
     """Load an engine directory; every inconsistency is an ``EngineError`` naming the file."""
     from safetensors.torch import load_file

@@ -12,6 +12,7 @@ import torch
 
 from .data.buckets import pad_batch, size_batches
 from .data.images import ImageError, ImageOptions, LoadedImage, load_image
+from .backends import choose_encoder_backend
 from .decode import beam_search
 from .engine_dir import Engine, EngineError, contains_engine, default_engine_path, load_engine
 from .result import Result
@@ -55,13 +56,14 @@ class Recognizer:
         max_batch_pixels: padded pixels per batch (bounds memory).
         max_len: decode steps before an unfinished hypothesis is returned with ``truncated=True``.
         image_options: how inputs are normalized (inversion, binarization, rescaling, pixel cap).
+        encoder_backend: "auto" (see ``abm_rt.backends.select``), "pytorch", "onnxruntime" or "tensorrt".
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
     """
 
     def __init__(self, engine: str | Path | Engine | None = None, device: str = "auto", beam_size: int = 10,
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
-                 image_options: ImageOptions | None = None):
+                 image_options: ImageOptions | None = None, encoder_backend: str = "auto"):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
@@ -74,6 +76,7 @@ class Recognizer:
             self.engine = load_engine(engine)
         self.device = resolve_device(device)
         self.model = self.engine.model.to(self.device).eval()
+        self.encoder, self.encoder_reason = choose_encoder_backend(self.engine, self.device, encoder_backend)
         self.vocab = self.engine.vocab
         self.beam_size = beam_size
         self.max_batch_size = max_batch_size
@@ -91,10 +94,10 @@ class Recognizer:
             "precision": cfg.get("precision"),
             "provenance": cfg.get("provenance", {}),
             "device": str(self.device),
-            "encoder_backend": "pytorch",
+            "encoder_backend": self.encoder.name,
+            "encoder": self.encoder.describe(),
             "decoder": "pytorch batched beam search",
-            "why": "PyTorch is the only backend in this build (ONNX Runtime, TensorRT and the custom kernel "
-                   "arrive with issues 5 and 6)",
+            "why": self.encoder_reason,
             "beam_size": self.beam_size,
             "max_len": self.max_len,
         }
@@ -152,7 +155,7 @@ class Recognizer:
     @torch.inference_mode()
     def _decode(self, pixels: list[np.ndarray], return_attention: bool):
         x, pixel_mask = pad_batch(pixels, multiple=16)
-        features, mask = self.model.encode(x.to(self.device), pixel_mask.to(self.device))
+        features, mask = self.encoder.encode(x, pixel_mask)
         return beam_search(self.model.l2r, features, mask, self.beam_size, max_len=self.max_len,
                            return_attention=return_attention, check_every=4 if self.device.type == "cuda" else 1)
 

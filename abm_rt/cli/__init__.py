@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import build_engine, evaluate, info, recognize, train
+from . import build_engine, convert, evaluate, info, recognize, train
 
 COMMANDS = {"recognize": recognize, "eval": evaluate, "info": info, "train": train,
-            "build-engine": build_engine}
+            "build-engine": build_engine, "convert": convert}
 
 
 def build_parser() -> argparse.ArgumentParser:
