@@ -96,6 +96,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise EngineError(f"{path / CONFIG_FILE}: unreadable ({e})") from e
+    if not isinstance(config, dict):
+        raise EngineError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
     version = config.get("format_version")
     if not isinstance(version, int):
         raise EngineError(f"{path / CONFIG_FILE}: no integer format_version")
@@ -129,7 +131,10 @@ def load_engine(path: str | Path) -> Engine:
     for name in (VOCAB_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise EngineError(f"engine directory {path} is incomplete: {name} is missing")
-    vocab = Vocab.load(path / VOCAB_FILE)
+    try:
+        vocab = Vocab.load(path / VOCAB_FILE)
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{path / VOCAB_FILE}: not a valid vocabulary ({e})") from e
     if vocab.sha256() != config.get("vocab_sha256"):
         raise EngineError(f"{path / VOCAB_FILE} does not match the vocabulary the engine was built with "
                           f"(sha256 {vocab.sha256()[:12]} != {str(config.get('vocab_sha256'))[:12]})")
@@ -138,7 +143,10 @@ def load_engine(path: str | Path) -> Engine:
     except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"{path / CONFIG_FILE}: bad model dimensions ({e})") from e
     model = ABM(cfg, bidirectional=False)
-    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
+        raise EngineError(f"{path / WEIGHTS_FILE}: unreadable weights ({type(e).__name__}: {e})") from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
