@@ -199,8 +199,11 @@ __global__ void softmax_context_kernel(const float* __restrict__ energy, const F
                                        const float* __restrict__ coverage, const int32_t* __restrict__ row_image,
                                        float* __restrict__ alpha, float* __restrict__ context,
                                        float* __restrict__ coverage_out, int L, int D) {
-  extern __shared__ float a_s[];                       // [L]
+  // [L4] attention, L rounded up to a multiple of 4 and the tail zeroed: the compiler may read the
+  // context loop's a_s[l] four at a time (seen under compute-sanitizer: a 16-byte read at a_s[64] for L = 65).
+  extern __shared__ float a_s[];
   __shared__ float red[32];
+  const int L4 = (L + 3) & ~3;
   const int r = blockIdx.x, img = row_image[r];
   const float* e = energy + (size_t)r * L;
   float mx = -INFINITY;
@@ -238,6 +241,7 @@ __global__ void softmax_context_kernel(const float* __restrict__ energy, const F
     alpha[(size_t)r * L + l] = a;
     coverage_out[(size_t)r * L + l] = coverage[(size_t)r * L + l] + a;
   }
+  for (int l = L + threadIdx.x; l < L4; l += blockDim.x) a_s[l] = 0.f;
   __syncthreads();
   const FT* f = feats + (size_t)img * L * D;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {   // consecutive threads: consecutive channels
@@ -303,7 +307,7 @@ void launch_attention(const DecoderWeights& w, const StepTensors& t, cudaStream_
       static_cast<const FT*>(t.uaf), t.wa, static_cast<const FT*>(w.cov_w), w.cov_b, w.v, t.coverage,
       t.row_image, t.hv, t.wv, t.energy, t.H, t.W, w.d, w.ksize);
   ABM_CUDA_CHECK(cudaGetLastError());
-  const size_t smem2 = sizeof(float) * (size_t)L;
+  const size_t smem2 = sizeof(float) * (size_t)((L + 3) & ~3);
   if (smem2 > 48 * 1024) {
     ABM_CUDA_CHECK(cudaFuncSetAttribute(softmax_context_kernel<FT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)smem2));
