@@ -176,4 +176,4 @@ def _progress_bar(total: int, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, unit="img", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, unit="img", dynamic_ncols=True, leave=False, disable=None)  # None: off unless a TTY

@@ -77,7 +77,11 @@ def _device_name(device) -> str:
 
 
 def _git_commit() -> str | None:
+    """The source commit: git's answer, else $ABM_RT_COMMIT (a copy of the tree without .git)."""
+    import os
     import subprocess
+    if os.environ.get("ABM_RT_COMMIT"):
+        return os.environ["ABM_RT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
