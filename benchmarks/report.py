@@ -36,16 +36,28 @@ def _device(doc: dict) -> str:
     return str(d)
 
 
+def _eval_headline(doc: dict) -> dict | None:
+    """Key figures of an `abm-rt eval` report (its summary)."""
+    s = doc.get("summary")
+    if not s or "exprate" not in s:
+        return None
+    name = Path(str(doc.get("dataset", ""))).name
+    prov = (doc.get("recognizer") or {}).get("provenance") or {}
+    return {"set": name, "model": prov.get("run", "?"), "ExpRate": round(s["exprate"], 2), "<=1": round(s["le1"], 2),
+            "<=2": round(s["le2"], 2), "WER": round(s["wer"], 2), "items": s["total"],
+            "img/s (beam 10, batched PyTorch)": s.get("images_per_second")}
+
+
 def table(results_dir: Path = REPO / "benchmarks" / "results") -> str:
     """The markdown table of every result file that has a headline."""
     rows = []
     for f in sorted(results_dir.glob("*.json")):
         doc = json.loads(f.read_text(encoding="utf-8"))
-        head = doc.get("headline")
+        head = doc.get("headline") or _eval_headline(doc)
         if not head:
             continue
         figures = "; ".join(f"{k} {_fmt(v)}" for k, v in head.items())
-        rows.append((doc.get("date", ""), f"| {doc.get('benchmark', f.stem)} | {_device(doc)} | "
+        rows.append((doc.get("date", ""), f"| {doc.get('benchmark', 'eval' if 'summary' in doc else f.stem)} | {_device(doc)} | "
                      f"{str(doc.get('date', ''))[:10]} | `{_commit(doc)[:8]}` | {figures} | "
                      f"[{f.name}](benchmarks/results/{f.name}) |"))
     rows.sort(key=lambda r: r[0], reverse=True)

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", metavar="DATASET_DIR")
     p.add_argument("--json", metavar="REPORT", help="write the summary and per-item results to this JSON file")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (quick checks)")
+    p.add_argument("--omit-references", action="store_true",
+                   help="leave the reference captions out of the JSON report (for reports on data that may not be "
+                        "redistributed, such as CROHME)")
     add_model_options(p)
 
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{folder}: {scores.total} items  ExpRate {scores.exprate:.2f}  <=1 {scores.le1:.2f}  "
           f"<=2 {scores.le2:.2f}  WER {scores.wer:.2f}  (failed {scores.failed}; {seconds:.1f} s)")
     if args.json:
-        items = [{"name": n, "reference": " ".join(ref), "prediction": r.latex, "score": r.to_dict()["score"],
+        items = [{"name": n, **({} if args.omit_references else {"reference": " ".join(ref)}), "prediction": r.latex, "score": r.to_dict()["score"],
                   "distance": edit_distance(r.tokens, ref) if r.ok else None, "truncated": r.truncated,
                   "error": r.error} for (n, ref), r in zip(captions, results)]
         report = {"command": "abm-rt " + " ".join(sys.argv[1:]), "date": dt.datetime.now(dt.timezone.utc).isoformat(
