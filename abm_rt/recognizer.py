@@ -36,6 +36,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def choose_decoder(preference: str, device: torch.device) -> tuple[str, str]:
+    """("native" or "pytorch", why). The native search (abm_rt._C) is tested against the PyTorch one in CI
+    on the CPU; its CUDA twin's ops pass on an H100 but the full CUDA search is not yet validated there."""
+    from .decode import native
+
+    if preference not in ("auto", "native", "pytorch"):
+        raise ValueError(f"decoder must be 'auto', 'native' or 'pytorch', got {preference!r}")
+    if preference == "pytorch":
+        return "pytorch", "asked for"
+    available = native.is_available(device)
+    if preference == "native":
+        if not available:
+            raise ValueError(f"decoder='native' needs abm_rt._C built{' with CUDA' if device.type == 'cuda' else ''} "
+                             f"(pip install . with nvcc on PATH for CUDA)")
+        return "native", "asked for"
+    if device.type == "cpu" and available:
+        return "native", "abm_rt._C is built: the C++ decode step and beam search (same results as PyTorch's)"
+    if device.type == "cuda":
+        return "pytorch", ("the native CUDA beam search is not yet validated end to end on a GPU (issue 6); "
+                           "pass decoder='native' to use it")
+    return "pytorch", "abm_rt._C is not built"
+
+
 def load_default_engine() -> Engine:
     """The engine bundled inside the package, or a clear error when this build bundles none."""
     path = default_engine_path()
@@ -57,13 +80,14 @@ class Recognizer:
         max_len: decode steps before an unfinished hypothesis is returned with ``truncated=True``.
         image_options: how inputs are normalized (inversion, binarization, rescaling, pixel cap).
         encoder_backend: "auto" (see ``abm_rt.backends.select``), "pytorch", "onnxruntime" or "tensorrt".
+        decoder: "auto", "native" (abm_rt._C: C++ or CUDA kernels) or "pytorch" (see ``choose_decoder``).
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
     """
 
     def __init__(self, engine: str | Path | Engine | None = None, device: str = "auto", beam_size: int = 10,
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
-                 image_options: ImageOptions | None = None, encoder_backend: str = "auto"):
+                 image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto"):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
@@ -77,6 +101,11 @@ class Recognizer:
         self.device = resolve_device(device)
         self.model = self.engine.model.to(self.device).eval()
         self.encoder, self.encoder_reason = choose_encoder_backend(self.engine, self.device, encoder_backend)
+        self.decoder_name, self.decoder_reason = choose_decoder(decoder, self.device)
+        self._native = None
+        if self.decoder_name == "native":
+            from .decode.native import NativeDecoder
+            self._native = NativeDecoder(self.model.l2r, self.device)
         self.vocab = self.engine.vocab
         self.beam_size = beam_size
         self.max_batch_size = max_batch_size
@@ -96,8 +125,9 @@ class Recognizer:
             "device": str(self.device),
             "encoder_backend": self.encoder.name,
             "encoder": self.encoder.describe(),
-            "decoder": "pytorch batched beam search",
+            "decoder": "native (abm_rt._C)" if self._native else "pytorch batched beam search",
             "why": self.encoder_reason,
+            "decoder_why": self.decoder_reason,
             "beam_size": self.beam_size,
             "max_len": self.max_len,
         }
@@ -156,8 +186,13 @@ class Recognizer:
     def _decode(self, pixels: list[np.ndarray], return_attention: bool):
         x, pixel_mask = pad_batch(pixels, multiple=16)
         features, mask = self.encoder.encode(x, pixel_mask)
+        check_every = 4 if self.device.type == "cuda" else 1
+        if self._native is not None:
+            from .decode.native_search import native_beam_search
+            return native_beam_search(self._native, features, mask, self.beam_size, max_len=self.max_len,
+                                      return_attention=return_attention, check_every=check_every)
         return beam_search(self.model.l2r, features, mask, self.beam_size, max_len=self.max_len,
-                           return_attention=return_attention, check_every=4 if self.device.type == "cuda" else 1)
+                           return_attention=return_attention, check_every=check_every)
 
 
 class _NoBar:

@@ -156,3 +156,17 @@ def test_info(rec, engine_dir):
     info = rec.info()
     assert info["engine"] == str(engine_dir) and info["device"] == "cpu"
     assert info["encoder_backend"] and info["decoder"] and info["why"]
+
+
+def test_native_and_pytorch_decoders_agree(engine_dir):
+    """The native (C++) beam search and the PyTorch one give the same results through the Recognizer."""
+    from abm_rt.decode import native
+    if not native.is_available("cpu"):
+        pytest.skip("abm_rt._C is not built")
+    items = [_strokes(seed=s) for s in range(4)] + [_strokes(94, 300, seed=9)]
+    a = Recognizer(engine_dir, device="cpu", beam_size=3, max_len=12, decoder="native")
+    b = Recognizer(engine_dir, device="cpu", beam_size=3, max_len=12, decoder="pytorch")
+    assert a.info()["decoder"].startswith("native") and b.info()["decoder"].startswith("pytorch")
+    for x, y in zip(a.predict(items), b.predict(items)):
+        assert x.tokens == y.tokens and x.truncated == y.truncated
+        assert x.score == pytest.approx(y.score, abs=1e-5)

@@ -15,6 +15,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="decode steps before giving up on an expression; its best partial result is then "
                         "returned marked truncated (default 256)")
+    p.add_argument("--decoder", choices=("auto", "native", "pytorch"), default="auto",
+                   help="beam search implementation: native (abm_rt._C kernels), pytorch, or auto (default)")
     g = p.add_argument_group("image input (the model expects white ink on black, about 94 px high)")
     g.add_argument("--invert", choices=("auto", "always", "never"), default="auto",
                    help="auto: invert images with a bright background, e.g. dark ink on paper (default)")
@@ -32,4 +34,4 @@ def make_recognizer(args: argparse.Namespace):
     opts = ImageOptions(invert=args.invert, binarize=args.binarize, target_height=args.height,
                         max_pixels=args.max_pixels)
     return Recognizer(args.engine, device=args.device, beam_size=args.beam, max_batch_size=args.batch_size,
-                      max_len=args.max_len, image_options=opts)
+                      max_len=args.max_len, image_options=opts, decoder=args.decoder)
