@@ -14,7 +14,6 @@ torch 2.13; when it goes, ``_export`` is the one place to change.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from abm_rt.model import ABM, DecoderBranch, DenseEncoder
 from abm_rt.model.decoder import FeatureCache
+from abm_rt.model.fold import fold_batchnorm  # the one BN-folding implementation, shared with TorchEncoder
 
 DEFAULT_OPSET = 17
 
@@ -35,28 +35,6 @@ STEP_OUTPUTS = ["log_probs", "hidden_out", "alpha", "coverage_out"]
 
 
 # ---- graph wrappers -----------------------------------------------------------------------------
-def fold_batchnorm(encoder: DenseEncoder) -> DenseEncoder:
-    """A copy of ``encoder`` (eval mode) with every BatchNorm folded into the conv that precedes it.
-
-    Spec 2.1: every BN directly follows a bias-free conv, so ``BN(conv(x)) = conv'(x)`` exactly with
-    ``w' = w * g / sqrt(var + eps)`` and ``b' = beta - mean * g / sqrt(var + eps)``.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = copy.deepcopy(encoder).eval()
-    pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv", "bn"))
-    for module in folded.modules():
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    left = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if left:
-        raise RuntimeError(f"BatchNorm layers not preceded by a conv could not be folded: {left[:3]}")
-    return folded
-
-
 class _EncoderGraph(nn.Module):
     """images [B, 1, H, W] -> features [B, D, H', W'] with BN folded."""
 

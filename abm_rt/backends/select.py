@@ -2,7 +2,8 @@
 
 Order, by what is installed, the device and the engine's files:
 - CUDA device: TensorRT (the ``tensorrt`` package is installed and the engine holds a plan for this
-  GPU, from ``abm-rt build-engine``) > PyTorch CUDA.
+  GPU, from ``abm-rt build-engine``) > PyTorch CUDA (``TorchEncoder``: BN folded, channels_last, CUDA
+  graphs per size bucket, FP16 for engines whose precision is fp16, else FP32).
 - CPU: ONNX Runtime (installed, and the engine has ``encoder.onnx`` from ``abm-rt convert``) > PyTorch.
   Measured on this project's 2-core CPU machine, shared with other jobs (full-size ABM, one batch of
   8 images of 94x256, fastest of 10 runs, each backend in its own process, 4 alternating pairs):
@@ -106,8 +107,17 @@ def choose_encoder_backend(engine: Any, device: str | torch.device, preference: 
 
     from .torch_backend import TorchEncoder
 
-    backend = TorchEncoder(engine.model, dev)
+    if dev.type == "cuda":
+        # An fp16 engine runs the PyTorch encoder in FP16 on CUDA (int8 and fp32 engines in FP32).
+        precision = "fp16" if engine.config.get("precision") == "fp16" else "fp32"
+        # No CUDA graphs by default yet: exact-shape graphs are captured once per new shape (~0.2 s each),
+        # and bucket padding changes valid features of the trained model (by 0.4-0.7 of max|F| near the
+        # canvas edge, measured on an H100). Enable them where shapes repeat: TorchEncoder(cuda_graphs=True).
+        backend = TorchEncoder(engine.model, dev, precision=precision, cuda_graphs=False, bucket_pad=False)
+        what = f"PyTorch on {dev} (CUDA, {precision}, BN folded, channels_last)"
+    else:
+        backend = TorchEncoder(engine.model, dev)
+        what = f"PyTorch on {dev} (CPU, fp32, BN folded)"
     if pref == "pytorch":
-        return backend, f"PyTorch on {dev}: asked for by name"
-    kind = "CUDA" if dev.type == "cuda" else "CPU"
-    return backend, f"PyTorch on {dev} ({kind}): " + "; ".join(notes)
+        return backend, f"{what}: asked for by name"
+    return backend, f"{what}: " + "; ".join(notes)
