@@ -81,13 +81,16 @@ class Recognizer:
         image_options: how inputs are normalized (inversion, binarization, rescaling, pixel cap).
         encoder_backend: "auto" (see ``abm_rt.backends.select``), "pytorch", "onnxruntime" or "tensorrt".
         decoder: "auto", "native" (abm_rt._C: C++ or CUDA kernels) or "pytorch" (see ``choose_decoder``).
+        decoder_precision: the native decoder's weights: "fp32", "fp16" (FP16 weights and features) or
+            "int8" (INT8 weights with per-channel scales, FP16 features); accumulation is always FP32.
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
     """
 
     def __init__(self, engine: str | Path | Engine | None = None, device: str = "auto", beam_size: int = 10,
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
-                 image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto"):
+                 image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto",
+                 decoder_precision: str = "fp32"):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
@@ -105,7 +108,12 @@ class Recognizer:
         self._native = None
         if self.decoder_name == "native":
             from .decode.native import NativeDecoder
-            self._native = NativeDecoder(self.model.l2r, self.device)
+            weights = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}.get(decoder_precision)
+            if weights is None:
+                raise ValueError(f"decoder_precision must be fp32, fp16 or int8, got {decoder_precision!r}")
+            self._native = NativeDecoder(self.model.l2r, self.device, weight_dtype=weights,
+                                         feat_dtype="fp32" if decoder_precision == "fp32" else "fp16")
+        self.decoder_precision = decoder_precision if self._native is not None else "fp32"
         self.vocab = self.engine.vocab
         self.beam_size = beam_size
         self.max_batch_size = max_batch_size
@@ -128,6 +136,7 @@ class Recognizer:
             "decoder": "native (abm_rt._C)" if self._native else "pytorch batched beam search",
             "why": self.encoder_reason,
             "decoder_why": self.decoder_reason,
+            "decoder_precision": self.decoder_precision,
             "beam_size": self.beam_size,
             "max_len": self.max_len,
         }

@@ -1,0 +1,104 @@
+"""Decoders side by side on real images (issue 6's figures): the PyTorch batched beam search and the
+native one (abm_rt._C) in FP32 / FP16 / INT8, at batch 1 and a large batch, beam 10, on one device.
+
+For each configuration: images/s and ms per image of Recognizer.predict (encoder included, same
+encoder for all), ExpRate / <=1 / <=2 on the labelled set, and the share of images whose tokens equal
+the PyTorch FP32 decoder's. Writes benchmarks/results/decoders_<device>_<date>.json.
+
+    python3 benchmarks/bench_decoders.py --data /tmp/data/crohme/2014 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from abm_rt import Recognizer  # noqa: E402
+from abm_rt.data.crohme import read_captions  # noqa: E402
+from abm_rt.metrics import score_predictions  # noqa: E402
+
+CONFIGS = [("pytorch", "fp32"), ("native", "fp32"), ("native", "fp16"), ("native", "int8")]
+
+
+def run_config(decoder: str, precision: str, paths: list[str], batch: int, device: str, beam: int):
+    """(seconds, results) of one predict over ``paths`` after a warm-up on the first few."""
+    rec = Recognizer(device=device, beam_size=beam, max_batch_size=batch, decoder=decoder,
+                     decoder_precision=precision, max_batch_pixels=64_000_000)
+    rec.predict(paths[: min(len(paths), max(2, batch))])            # warm-up: allocator, cuDNN plans
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    results = rec.predict(paths)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, results, rec.info()
+
+
+def main() -> int:
+    """Command line."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="a labelled folder (caption.txt + NAME.png), e.g. CROHME 2014")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--beam", type=int, default=10)
+    ap.add_argument("--batches", default="1,256", help="comma separated max batch sizes")
+    ap.add_argument("--limit-batch1", type=int, default=200, help="images timed at batch 1 (it is slow)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images at every batch size")
+    ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    data = Path(args.data)
+    captions = read_captions(data / "caption.txt")[: args.limit]
+    rows, base_tokens = [], {}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        caps = captions[: args.limit_batch1] if batch == 1 else captions
+        paths = [str(data / f"{n}.png") for n, _ in caps]
+        refs = [t for _, t in caps]
+        for spec in args.configs.split(","):
+            decoder, precision = spec.split(":")
+            try:
+                secs, results, info = run_config(decoder, precision, paths, batch, args.device, args.beam)
+            except Exception as e:  # noqa: BLE001 - record and go on to the next configuration
+                rows.append({"decoder": decoder, "precision": precision, "batch": batch, "error": f"{type(e).__name__}: {e}"})
+                print(rows[-1], flush=True)
+                continue
+            toks = [r.tokens for r in results]
+            key = (batch, len(paths))
+            if decoder == "pytorch" and precision == "fp32":
+                base_tokens[key] = toks
+            same = base_tokens.get(key)
+            scores = score_predictions([r.tokens if r.ok and not r.truncated else None for r in results], refs)
+            rows.append({"decoder": decoder, "precision": precision, "batch": batch, "images": len(paths),
+                         "seconds": round(secs, 3), "images_per_s": round(len(paths) / secs, 2),
+                         "ms_per_image": round(1000 * secs / len(paths), 3),
+                         "exprate": round(scores.exprate, 2), "le1": round(scores.le1, 2), "le2": round(scores.le2, 2),
+                         "same_tokens_as_pytorch_fp32": (round(100 * sum(a == b for a, b in zip(toks, same)) / len(toks), 2)
+                                                         if same else None),
+                         "failed": scores.failed, "decoder_info": info["decoder"]})
+            print(json.dumps(rows[-1]), flush=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    commit = os.environ.get("ABM_RT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip() or None
+    best = {f"{r['decoder']} {r['precision']} b{r['batch']} ms/img": r["ms_per_image"] for r in rows if "ms_per_image" in r}
+    doc = {"benchmark": "decoders", "date": now.isoformat(timespec="seconds"), "device": dev_name, "commit": commit,
+           "command": " ".join(["python3", *sys.argv]), "beam": args.beam, "dataset": data.name, "rows": rows,
+           "headline": best}
+    out = args.out or REPO / "benchmarks" / "results" / f"decoders_{dev_name.split()[1] if ' ' in dev_name else dev_name}_{now.date()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
