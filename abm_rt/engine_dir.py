@@ -147,14 +147,19 @@ def load_engine(path: str | Path) -> Engine:
         state = load_file(str(path / WEIGHTS_FILE))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
         raise EngineError(f"{path / WEIGHTS_FILE}: unreadable weights ({type(e).__name__}: {e})") from e
+    load_checked(model, state, str(path / WEIGHTS_FILE))
+    return Engine(path, model.eval(), vocab, config)
+
+
+def load_checked(model: ABM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``; an ``EngineError`` naming ``source`` if keys or shapes do not fit."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise EngineError(f"{path / WEIGHTS_FILE} does not fit the model: missing {missing[:5]}"
+        raise EngineError(f"{source} does not fit the model: missing {missing[:5]}"
                           f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
     bad = [k for k in expected if expected[k].shape != state[k].shape]
     if bad:
-        raise EngineError(f"{path / WEIGHTS_FILE}: wrong shapes for {bad[:5]}")
+        raise EngineError(f"{source}: wrong shapes for {bad[:5]}")
     model.load_state_dict(state)
-    return Engine(path, model.eval(), vocab, config)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from abm_rt.data.vocab import Vocab
-from abm_rt.engine_dir import (CONFIG_FILE, WEIGHTS_FILE, EngineError, contains_engine, load_engine, read_config,
-                               save_engine, update_config)
+from abm_rt.engine_dir import (CONFIG_FILE, WEIGHTS_FILE, EngineError, contains_engine, load_checked, load_engine,
+                               read_config, save_engine, update_config)
 from abm_rt.model import ABM, ModelConfig
 
 from .onnx_export import DEFAULT_OPSET, export_decoder_prepare, export_decoder_step, export_encoder
@@ -49,38 +49,20 @@ def is_trainer_state(path: str | Path) -> bool:
 
 def load_trainer_state(path: str | Path) -> tuple[ABM, dict[str, Any]]:
     """The inference model (encoder + L2R) of a trainer state directory, and the state's ``meta``."""
-    from safetensors.torch import load_file
+    from training.checkpoint import load_model_weights
 
     path = Path(path)
     try:
-        doc = json.loads((path / STATE_META).read_text(encoding="utf-8"))
-        files = doc["files"]
+        weights, meta = load_model_weights(path)
     except (OSError, ValueError, KeyError) as e:
-        raise EngineError(f"{path / STATE_META}: not a readable trainer state ({e})") from e
-    meta = doc.get("meta", {})
+        raise EngineError(f"{path}: not a readable trainer state ({type(e).__name__}: {e})") from e
     overrides = (meta.get("config") or {}).get("model") or {}
     try:
         cfg = ModelConfig(**overrides)
     except (TypeError, ValueError) as e:
         raise EngineError(f"{path / STATE_META}: bad model config {overrides} ({e})") from e
-    weights: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (path / name).is_file():
-            raise EngineError(f"trainer state {path} is incomplete: {name} is missing")
-        for k, v in load_file(str(path / name)).items():
-            if k.startswith("model.") and not k.startswith("model.r2l."):
-                weights[k[len("model."):]] = v
     model = ABM(cfg, bidirectional=False)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise EngineError(f"trainer state {path} does not fit ABM({cfg}): missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    bad = [k for k in expected if expected[k].shape != weights[k].shape]
-    if bad:
-        raise EngineError(f"trainer state {path}: wrong shapes for {bad[:5]}")
-    model.load_state_dict(weights)
+    load_checked(model, {k: v for k, v in weights.items() if not k.startswith("r2l.")}, f"trainer state {path}")
     return model.eval(), meta
 
 

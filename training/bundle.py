@@ -13,17 +13,13 @@ from pathlib import Path
 
 from abm_rt.data.vocab import Vocab
 from abm_rt.engine_dir import save_engine
-from abm_rt.model import ABM, ModelConfig
-
-from .checkpoint import load_model_weights
 
 
 def bundle(state_dir: str | Path, out: str | Path, log: str | Path | None = None, run_name: str | None = None) -> Path:
     """Write the inference engine of the trainer state at ``state_dir`` to ``out``."""
-    weights, meta = load_model_weights(state_dir)
-    cfg = ModelConfig(**meta.get("config", {}).get("model", {}))
-    model = ABM(cfg, bidirectional=any(k.startswith("r2l.") for k in weights))
-    model.load_state_dict(weights)
+    from export.convert import load_trainer_state
+
+    model, meta = load_trainer_state(state_dir)
     provenance = {"trained_by": "abm_rt training", "run": run_name, "epoch": meta.get("epoch"),
                   "train_seconds": round(meta.get("train_seconds", 0.0), 1), "train_config": meta.get("config")}
     if log and Path(log).is_file():
@@ -32,7 +28,7 @@ def bundle(state_dir: str | Path, out: str | Path, log: str | Path | None = None
         if last_val:
             provenance["val_2014_last"] = {k[4:]: last_val[-1][k] for k in last_val[-1] if k.startswith("val_")}
             provenance["val_2014_last"]["epoch"] = last_val[-1]["epoch"]
-    return save_engine(out, model.eval(), Vocab.default(), provenance=provenance)
+    return save_engine(out, model, Vocab.default(), provenance=provenance)
 
 
 def main() -> None:
