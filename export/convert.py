@@ -13,7 +13,6 @@ records how they were made under "export".
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
