@@ -64,6 +64,12 @@ class TrainConfig:
     train_limit: int | None = None
     val_limit: int | None = None
     device: str = "auto"
+    attention_fp32: bool = False        # attention (U_a F, coverage conv, energies, softmax, context) and the
+                                        # coverage sum in fp32 with autocast off; GRUs/output stay under autocast
+    compile_step: bool = False          # torch.compile one decoder time step (dynamic shapes; the loop over t
+                                        # stays in Python): fused pointwise ops, fewer kernel launches
+    log_attention_sharpness: bool = True  # after each validation: mean max attention weight over valid steps
+                                        # of the first val batch (val_att_max) and the uniform 1/cells baseline
     model: dict = field(default_factory=dict)   # ModelConfig overrides (tests use small models)
 
 
@@ -75,6 +81,40 @@ def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, progress: float) -
         return cfg.lr * (step + 1) / warm
     p = min(1.0, max(0.0, progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl]."""
+    x, pmask = b.inputs()
+    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    opts = {"attention_fp32": cfg.attention_fp32, "compile_step": cfg.compile_step}
+    with amp:
+        feats, fmask = model.encode(x, pmask)
+        zl, _ = model.l2r.teacher_forward(feats, fmask, b.l2r_in, **opts)
+        ce_l = sequence_ce(zl, b.l2r_tgt, b.lengths)
+        if model.r2l is None:
+            zero = ce_l.new_zeros(())
+            return ce_l, torch.stack([ce_l, zero, zero])
+        zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
+    ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths)
+    kl = distillation_kl(zl, zr, b.lengths, cfg.pairing)
+    loss = ce_l + ce_r + cfg.kl_weight * kl
+    return loss, torch.stack([ce_l.detach(), ce_r.detach(), kl.detach()])
+
+
+def attention_sharpness(alpha: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
+    """(mean max attention weight, mean uniform weight 1 / valid cells) over the valid steps t <= n_b.
+
+    alpha [B, T, H', W'] (teacher-forced attention), mask [B, H', W'] valid feature cells, lengths [B] = n_b.
+    A ratio near 1 means diffuse attention; an aligned model puts most of the weight on a few cells.
+    """
+    B, T = alpha.shape[:2]
+    steps = torch.arange(T, device=alpha.device)[None, :] < (lengths + 1)[:, None]          # [B, T]
+    peak = alpha.flatten(2).amax(-1).float()                                                # [B, T]
+    uniform = (1.0 / mask.flatten(1).sum(1).clamp(min=1).float())[:, None].expand(B, T)
+    n = steps.sum().clamp(min=1)
+    return float((peak * steps).sum() / n), float((uniform * steps).sum() / n)
 
 
 class Trainer:
@@ -121,20 +161,7 @@ class Trainer:
 
     # ---- one epoch --------------------------------------------------------------------------------
     def _loss(self, b: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, pmask = b.inputs()
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
-        with amp:
-            feats, fmask = self.model.encode(x, pmask)
-            zl, _ = self.model.l2r.teacher_forward(feats, fmask, b.l2r_in)
-            ce_l = sequence_ce(zl, b.l2r_tgt, b.lengths)
-            if self.model.r2l is None:
-                zero = ce_l.new_zeros(())
-                return ce_l, torch.stack([ce_l, zero, zero])
-            zr, _ = self.model.r2l.teacher_forward(feats, fmask, b.r2l_in)
-        ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths)
-        kl = distillation_kl(zl, zr, b.lengths, self.cfg.pairing)
-        loss = ce_l + ce_r + self.cfg.kl_weight * kl
-        return loss, torch.stack([ce_l.detach(), ce_r.detach(), kl.detach()])
+        return batch_loss(self.model, b, self.cfg, self.device.type)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the fixed batches in a shuffled order; returns mean losses and timing."""
@@ -175,21 +202,30 @@ class Trainer:
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, decode: bool) -> dict[str, Any]:
-        """Teacher-forced L2R CE on 2014 (spec 4.6) and, if ``decode``, beam-search ExpRate."""
+        """Teacher-forced L2R CE on 2014 (spec 4.6) and, if ``decode``, beam-search ExpRate.
+
+        With ``log_attention_sharpness`` the first batch's teacher-forced pass also returns its
+        attention maps (no extra forward), summarised as ``val_att_max`` / ``val_att_uniform``."""
         self.model.eval()
         t0 = time.time()
         ce_sum = torch.zeros((), device=self.device)
         preds, refs = [], []
-        for b in self.val_batches:
+        sharp = None
+        for i, b in enumerate(self.val_batches):
             x, pmask = b.inputs()
             feats, fmask = self.model.encode(x, pmask)
-            zl, _ = self.model.l2r.teacher_forward(feats, fmask, b.l2r_in)
+            want_alpha = i == 0 and self.cfg.log_attention_sharpness
+            zl, alpha = self.model.l2r.teacher_forward(feats, fmask, b.l2r_in, return_alpha=want_alpha)
+            if want_alpha:
+                sharp = attention_sharpness(alpha, fmask, b.lengths)
             ce_sum += sequence_ce(zl, b.l2r_tgt, b.lengths)
             if decode:
                 for seq in beam_search(self.model.l2r, feats, fmask, self.cfg.val_beam, check_every=4):
                     preds.append(None if seq.truncated else self.vocab.decode(seq.tokens))
                 refs.extend(b.tokens)
         out: dict[str, Any] = {"val_ce": float(ce_sum) / len(self.val_batches)}
+        if sharp is not None:
+            out["val_att_max"], out["val_att_uniform"] = sharp
         if decode:
             out.update({f"val_{k}": v for k, v in score_predictions(preds, refs).to_dict().items()})
         out["val_seconds"] = time.time() - t0

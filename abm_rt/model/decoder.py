@@ -7,6 +7,7 @@ Two implementations of the step live here on purpose:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,24 @@ class CoverageAttention(nn.Module):
         q_s = F.pad(self.Q_s.weight, (pad, pad, pad, pad)).reshape(d, k * k)
         weight = self.U_l.weight @ q_l + self.U_s.weight @ q_s
         return weight.reshape(d, 1, k, k), self.U_l.bias + self.U_s.bias
+
+
+def _compile_config() -> contextlib.ExitStack:
+    """Config for each call of the compiled teacher-forcing step (the settings this torch has):
+
+    - ``recompute_views``: the autograd partition saves the coverage map, not its unsqueezed view, for
+      the convolution backward (torch 2.13's inductor cannot order a saved view's symbolic strides and
+      fails with "cannot determine truth value of Relational: 1 < s..");
+    - no duck shaping: a batch where two sizes happen to be equal (B == H', H' == W') would otherwise
+      compile a graph with that equality baked in, and the next batch would recompile.
+    """
+    stack = contextlib.ExitStack()
+    from torch._functorch import config as functorch_config
+    from torch.fx.experimental import _config as fx_config
+    for cfg, key, value in ((functorch_config, "recompute_views", True), (fx_config, "use_duck_shape", False)):
+        if hasattr(cfg, key):
+            stack.enter_context(cfg.patch(**{key: value}))
+    return stack
 
 
 class DecoderBranch(nn.Module):
@@ -191,26 +210,80 @@ class DecoderBranch(nn.Module):
         return StepOutput(logits, h, alpha, coverage + alpha)
 
     # ---- teacher forcing (training) -------------------------------------------------------------
+    def _tf_step(self, cache: FeatureCache, gy_t: torch.Tensor, h: torch.Tensor, coverage: torch.Tensor,
+                 attention_fp32: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One teacher-forced recurrence step: GRU-1, attention, coverage update, GRU-2.
+
+        A pure function of its tensors and the module's parameters (no dropout, no RNG), so it can be
+        compiled as a unit (``_compiled_tf_step``). ``gy_t`` is ``W_y e_t + b`` for this step.
+        With ``attention_fp32`` the attention (``attend``: coverage conv, energies, softmax, context)
+        runs with autocast disabled on fp32 inputs; ``cache`` must then hold fp32 tensors.
+        Returns (h_t, context, alpha, coverage + alpha).
+        """
+        h_hat = self._gru1(gy_t, self.U_h(h), h)
+        if attention_fp32:
+            with torch.autocast(h_hat.device.type, enabled=False):
+                alpha, context = self.attend(cache, h_hat.float(), coverage.float())
+        else:
+            alpha, context = self.attend(cache, h_hat, coverage)
+        coverage = coverage + alpha
+        h = self._gru2(self.W_c(context), self.U_h2(h_hat), h_hat)
+        return h, context, alpha, coverage
+
+    def _compiled_tf_step(self):
+        """``_tf_step`` through ``torch.compile`` (inductor, dynamic shapes), built once per branch.
+
+        The unbound function is compiled and the module passed as an argument, so a deep copy of the
+        branch (which shares this attribute) still runs its own parameters; dynamo's cache lives on the
+        function's code, so both branches share the compiled graphs (parameters are graph inputs).
+        ``force_layout_optimization`` keeps inductor's convolution-backward lowering off the path that
+        specialises the coverage map's H' and W' (torch 2.13 ``guard_int_seq`` on its strides), which
+        would recompile for every new batch shape.
+        """
+        fn = self.__dict__.get("_tf_step_compiled")
+        if fn is None:
+            fn = torch.compile(DecoderBranch._tf_step, dynamic=True, fullgraph=True,
+                               options={"force_layout_optimization": True})
+            self.__dict__["_tf_step_compiled"] = fn
+        return fn
+
     def teacher_forward(self, features: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor,
-                        return_alpha: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        return_alpha: bool = False, attention_fp32: bool = False,
+                        compile_step: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits [B, T, K] for input tokens [B, T] (spec 4.2).
 
         The time mask of spec 3.4 is not applied: padded steps come after every valid step of their
         sample and are masked out of every loss, so freezing the state there changes nothing.
         Embedding-side matmuls (W_y e, W_oy e) and the output layer run once for all steps; only the
         recurrence runs in the loop.
+
+        ``attention_fp32``: the attention part (``U_a F``, the folded coverage kernel, coverage conv,
+        energies, softmax, context) and the coverage sum run in fp32 with autocast disabled; the GRUs
+        and the output layer stay under the caller's autocast. Without autocast it changes nothing.
+        ``compile_step``: each time step runs ``_tf_step`` compiled with ``torch.compile`` (the
+        Python loop over t stays), so inductor fuses the step's pointwise ops forward and backward.
         """
-        cache = self.prepare(features, mask)
+        if attention_fp32:
+            with torch.autocast(features.device.type, enabled=False):
+                cache = self.prepare(features.float(), mask)
+        else:
+            cache = self.prepare(features, mask)
         h = self.initial_state(features, cache.mask)
         emb = self.embedding(inputs)                       # [B, T, m]
         gy_all = self.W_y(emb)                             # [B, T, 3n]
         coverage = features.new_zeros(mask.shape, dtype=cache.ua_f.dtype)
+        compiled = self._compiled_tf_step() if compile_step else None
+        gy_steps = gy_all.transpose(0, 1).contiguous() if compile_step else gy_all.unbind(1)
         hiddens, contexts, alphas = [], [], []
         for t in range(inputs.shape[1]):
-            h_hat = self._gru1(gy_all[:, t], self.U_h(h), h)
-            alpha, context = self.attend(cache, h_hat, coverage)
-            coverage = coverage + alpha
-            h = self._gru2(self.W_c(context), self.U_h2(h_hat), h_hat)
+            if compiled is None or t == 0:
+                # Step 0 runs eagerly: its zero coverage does not require grad, and a compiled call
+                # with it would be a second graph (dynamo guards on requires_grad).
+                h, context, alpha, coverage = self._tf_step(cache, gy_steps[t], h, coverage, attention_fp32)
+            else:
+                with _compile_config():
+                    h, context, alpha, coverage = compiled(self, cache, gy_steps[t], h, coverage, attention_fp32)
             hiddens.append(h)
             contexts.append(context)
             if return_alpha:
