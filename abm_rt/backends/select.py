@@ -23,8 +23,8 @@ from .base import EncoderBackend
 PREFERENCES = {"auto": "auto", "tensorrt": "tensorrt", "trt": "tensorrt", "pytorch": "pytorch",
                "torch": "pytorch", "onnxruntime": "onnxruntime", "ort": "onnxruntime"}
 PLAN_PRECISIONS = ("fp16", "fp32", "int8")
-CPU_MEASUREMENT = ("ONNX Runtime's encoder measured about 2x faster than PyTorch's on a 2-core CPU "
-                   "(FP32, batch 8 x 94x256: 0.09-0.38 s vs 0.18-1.2 s)")
+CPU_MEASUREMENT = ("ONNX Runtime's encoder measured faster than PyTorch's on a 2-core CPU "
+                   "(benchmarks/bench_cpu_encoders.py, results in benchmarks/results/cpu_encoders_*.json)")
 
 
 def _tensorrt_plan(engine: Any, device: torch.device) -> tuple[Any | None, str, str]:
