@@ -42,10 +42,14 @@ def _eval_headline(doc: dict) -> dict | None:
     if not s or "exprate" not in s:
         return None
     name = Path(str(doc.get("dataset", ""))).name
-    prov = (doc.get("recognizer") or {}).get("provenance") or {}
-    return {"set": name, "model": prov.get("run", "?"), "ExpRate": round(s["exprate"], 2), "<=1": round(s["le1"], 2),
-            "<=2": round(s["le2"], 2), "WER": round(s["wer"], 2), "items": s["total"],
-            "img/s (beam 10, batched PyTorch)": s.get("images_per_second")}
+    rec = doc.get("recognizer") or {}
+    prov = rec.get("provenance") or {}
+    enc = rec.get("encoder") or {}
+    return {"set": name, "model": prov.get("run", "?"),
+            "encoder": f"{rec.get('encoder_backend', '?')} {enc.get('precision', rec.get('precision', ''))}".strip(),
+            "decoder": rec.get("decoder", "?"), "beam": rec.get("beam_size"),
+            "ExpRate": round(s["exprate"], 2), "<=1": round(s["le1"], 2), "<=2": round(s["le2"], 2),
+            "WER": round(s["wer"], 2), "items": s["total"], "img/s": s.get("images_per_second")}
 
 
 def table(results_dir: Path = REPO / "benchmarks" / "results") -> str:
