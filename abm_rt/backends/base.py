@@ -1,6 +1,8 @@
 """The encoder backend interface: padded images in, features and the feature mask out."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -30,3 +32,15 @@ class EncoderBackend(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """What this backend runs (name, device, files, providers...), for ``Recognizer.info()``."""
+
+
+def module_available(name: str) -> bool:
+    """True when the optional package ``name`` can be imported (checked without importing it)."""
+    return importlib.util.find_spec(name) is not None
+
+
+def require_module(name: str, install_hint: str):
+    """Import the optional package ``name``, or raise ImportError with ``install_hint``."""
+    if not module_available(name):
+        raise ImportError(install_hint)
+    return importlib.import_module(name)

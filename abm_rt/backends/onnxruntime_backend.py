@@ -6,7 +6,6 @@ known output shape, so no copy is made on CPU.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from ..model import ModelConfig
 from ..model.config import feature_size
 from ..model.encoder import feature_mask
-from .base import EncoderBackend
+from .base import EncoderBackend, module_available, require_module
 
 INSTALL_HINT = "ONNX Runtime is not installed: `pip install onnxruntime` (or onnxruntime-gpu for CUDA)"
 INPUT_NAME = "images"
@@ -26,15 +25,12 @@ FILES = {"fp32": ("encoder_onnx", "encoder.onnx"), "int8": ("encoder_int8_onnx",
 
 def onnxruntime_available() -> bool:
     """True when the ``onnxruntime`` package can be imported."""
-    return importlib.util.find_spec("onnxruntime") is not None
+    return module_available("onnxruntime")
 
 
 def require_onnxruntime():
     """Import ``onnxruntime`` or raise ImportError saying what to install."""
-    if not onnxruntime_available():
-        raise ImportError(INSTALL_HINT)
-    import onnxruntime
-    return onnxruntime
+    return require_module("onnxruntime", INSTALL_HINT)
 
 
 def engine_onnx_path(engine: Any, precision: str = "fp32") -> Path:

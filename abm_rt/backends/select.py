@@ -5,20 +5,17 @@ Order, by what is installed, the device and the engine's files:
   GPU, from ``abm-rt build-engine``) > PyTorch CUDA (``TorchEncoder``: BN folded, channels_last, CUDA
   graphs per size bucket, FP16 for engines whose precision is fp16, else FP32).
 - CPU: ONNX Runtime (installed, and the engine has ``encoder.onnx`` from ``abm-rt convert``) > PyTorch.
-  Measured on this project's 2-core CPU machine, shared with other jobs (full-size ABM, one batch of
-  8 images of 94x256, fastest of 10 runs, each backend in its own process, 4 alternating pairs):
-  PyTorch 0.18-1.2 s (its medians up to several seconds when the cores are busy), ONNX Runtime FP32
-  0.09-0.38 s, about 2x faster in every pair. ONNX Runtime INT8 (Q/DQ) was no faster than its FP32
-  (0.21-0.38 s), so INT8 runs only for engines converted as int8.
+  Measured by benchmarks/bench_cpu_encoders.py (benchmarks/results/cpu_encoders_*.json): ONNX Runtime
+  FP32 is faster than PyTorch on the 2-core CPU, and its INT8 (Q/DQ) encoder is no faster than its FP32,
+  so INT8 runs only for engines converted as int8.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
 
-from .base import EncoderBackend
+from .base import EncoderBackend, module_available
 
 PREFERENCES = {"auto": "auto", "tensorrt": "tensorrt", "trt": "tensorrt", "pytorch": "pytorch",
                "torch": "pytorch", "onnxruntime": "onnxruntime", "ort": "onnxruntime"}
@@ -29,7 +26,7 @@ CPU_MEASUREMENT = ("ONNX Runtime's encoder measured faster than PyTorch's on a 2
 
 def _tensorrt_plan(engine: Any, device: torch.device) -> tuple[Any | None, str, str]:
     """(plan path or None, precision, why) for this engine on ``device``."""
-    if importlib.util.find_spec("tensorrt") is None:
+    if not module_available("tensorrt"):
         return None, "", "TensorRT is not installed (no `tensorrt` Python package)"
     from .tensorrt import plan_dir, plan_name
     import tensorrt
@@ -67,7 +64,7 @@ def choose_encoder_backend(engine: Any, device: str | torch.device, preference: 
     if pref in ("auto", "tensorrt"):
         if dev.type != "cuda":
             why = f"TensorRT needs a CUDA device (device is {dev})"
-            if importlib.util.find_spec("tensorrt") is None:
+            if not module_available("tensorrt"):
                 why += " and is not installed (no `tensorrt` Python package)"
         else:
             plan, precision, why = _tensorrt_plan(engine, dev)

@@ -7,12 +7,13 @@ plan runs with ``execute_async_v3`` on the current torch CUDA stream.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .base import module_available, require_module
 
 INSTALL_HINT = ("TensorRT is not installed: `pip install tensorrt` (TensorRT 10 or newer, from NVIDIA's package "
                 "index) on a machine with an NVIDIA GPU and driver")
@@ -23,15 +24,12 @@ STRIDE = 16
 
 def tensorrt_available() -> bool:
     """True when the ``tensorrt`` Python package can be imported."""
-    return importlib.util.find_spec("tensorrt") is not None
+    return module_available("tensorrt")
 
 
 def require_tensorrt():
     """Import ``tensorrt`` or raise ImportError saying what to install."""
-    if not tensorrt_available():
-        raise ImportError(INSTALL_HINT)
-    import tensorrt
-    return tensorrt
+    return require_module("tensorrt", INSTALL_HINT)
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,22 @@ class NativeDecoder:
         else:
             fn(*args, dev)
 
+    # ---- beam bookkeeping (used by native_search) ----------------------------------------------------
+    def beam_state(self):
+        """A fresh ``_C.BeamState`` for ``beam_select``."""
+        return self._C.BeamState()
+
+    def beam_select(self, state) -> None:
+        """One beam-search bookkeeping step on this decoder's device (see csrc/decode/beam_select.h)."""
+        self._call(self._C.beam_select, state)
+
+    def gather_rows(self, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A new float32 tensor whose row r is ``src[rows[r]]`` (rows: int32 on this device)."""
+        out = torch.empty_like(src)
+        self._call(self._C.gather_rows, src.data_ptr(), rows.data_ptr(), out.data_ptr(), rows.numel(),
+                   src[0].numel())
+        return out
+
     def step(self, feats: NativeFeatures, prev_token: torch.Tensor, hidden: torch.Tensor, coverage: torch.Tensor,
              row_image: torch.Tensor) -> NativeStepOutput:
         """One decode step for N rows.

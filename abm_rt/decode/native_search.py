@@ -18,7 +18,6 @@ def native_beam_search(decoder: NativeDecoder, features: torch.Tensor, mask: tor
                        max_len: int | None = None, return_attention: bool = False, check_every: int = 4,
                        sos: int = SOS_ID, eos: int = EOS_ID) -> list[DecodedSequence]:
     """Beam search for a padded batch (see ``batched.beam_search`` for the arguments)."""
-    C = decoder._C
     dev = decoder.device
     max_len = default_max_len() if max_len is None else max_len
     B, k = features.shape[0], beam_size
@@ -46,7 +45,7 @@ def native_beam_search(decoder: NativeDecoder, features: torch.Tensor, mask: tor
     all_done = torch.zeros(1, **i32)
     alphas = []
 
-    st = C.BeamState()
+    st = decoder.beam_state()
     st.B, st.k, st.V, st.eos = B, k, decoder.K, eos
     st.score, st.dead, st.done = score.data_ptr(), dead.data_ptr(), done.data_ptr()
     st.fin_score, st.fin_step, st.fin_cand = fin_score.data_ptr(), fin_step.data_ptr(), fin_cand.data_ptr()
@@ -57,11 +56,9 @@ def native_beam_search(decoder: NativeDecoder, features: torch.Tensor, mask: tor
         next_prev = torch.empty(N, **i32)
         st.step, st.log_probs, st.prev_token = t, out.log_probs.data_ptr(), next_prev.data_ptr()
         st.words, st.parents, st.sources = words[t].data_ptr(), parents[t].data_ptr(), sources[t].data_ptr()
-        decoder._call(C.beam_select, st)
-        hidden = torch.empty_like(out.hidden)
-        decoder._call(C.gather_rows, out.hidden.data_ptr(), parent_rows.data_ptr(), hidden.data_ptr(), N, decoder.n)
-        coverage = torch.empty(N, H * W, dtype=torch.float32, device=dev)
-        decoder._call(C.gather_rows, out.coverage.data_ptr(), parent_rows.data_ptr(), coverage.data_ptr(), N, H * W)
+        decoder.beam_select(st)
+        hidden = decoder.gather_rows(out.hidden, parent_rows)
+        coverage = decoder.gather_rows(out.coverage.view(N, H * W), parent_rows)
         prev = next_prev
         if return_attention:
             alphas.append(out.alpha.view(B, k, H, W))
