@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"(default {default})")
     p.add_argument("--export-compact", metavar="DIR", help="after training, also write the compact "
                    "(bf16 moments, no first moment) state to DIR, for carrying to another machine")
+    p.add_argument("--export-weights", metavar="DIR", help="after training, also write the weights alone "
+                   "(fp32, shards of <= 16 MiB, no optimizer moments) to DIR: enough for training.bundle")
     return p
 
 
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_compact:
         save_state(args.export_compact, trainer.model, trainer.opt, trainer.meta, compact=True,
                    keep_first_moment=False)
+    if args.export_weights:
+        save_state(args.export_weights, trainer.model, trainer.opt, trainer.meta, keep_moments=False)
     print(json.dumps({"done": True, "epoch": meta["epoch"], "best_exprate": meta["best_exprate"],
                       "best_epoch": meta["best_epoch"]}))
     return 0

@@ -41,8 +41,12 @@ def _write_shards(tensors: dict[str, torch.Tensor], out: Path, prefix: str) -> l
 
 
 def save_state(out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               meta: dict[str, Any], compact: bool = False, keep_first_moment: bool = True) -> Path:
-    """Write weights, optimizer state, RNG states and ``meta`` (epoch, step, schedule...) to ``out_dir``."""
+               meta: dict[str, Any], compact: bool = False, keep_first_moment: bool = True,
+               keep_moments: bool = True) -> Path:
+    """Write weights, optimizer state, RNG states and ``meta`` (epoch, step, schedule...) to ``out_dir``.
+
+    ``keep_moments=False`` writes no optimizer tensors (weights only, e.g. to bundle an engine from a
+    device run whose files must come back in 16 MiB pieces); loading it starts the moments at zero."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.safetensors"):
@@ -56,14 +60,15 @@ def save_state(out_dir: str | Path, model: torch.nn.Module, optimizer: torch.opt
             if not torch.is_tensor(val) or val.dim() == 0:
                 scalars[f"{names[pid]}.{key}"] = float(val)
                 continue
-            if compact and key == "exp_avg" and not keep_first_moment:
+            if not keep_moments or (compact and key == "exp_avg" and not keep_first_moment):
                 continue
             tensors[f"opt.{names[pid]}.{key}"] = val.to(torch.bfloat16) if compact else val
     files = _write_shards(tensors, out, "state")
     rng = io.BytesIO()
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, rng)
-    doc = {"meta": meta, "files": files, "compact": compact, "param_groups": opt["param_groups"],
+    groups = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()} for g in opt["param_groups"]]
+    doc = {"meta": meta, "files": files, "compact": compact, "param_groups": groups,
            "scalars": scalars, "rng": base64.b64encode(rng.getvalue()).decode()}
     (out / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return out
@@ -113,7 +118,12 @@ def load_state(in_dir: str | Path, model: torch.nn.Module, optimizer: torch.opti
                 st[key] = torch.tensor(v)
         if st:
             state[i] = st
-    optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+    # The optimizer's own groups, not the saved ones: its flags (capturable, fused, foreach) and its lr
+    # object (a tensor when CUDA graphs read it) belong to this run; the schedule sets the lr each step.
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
     rng = torch.load(io.BytesIO(base64.b64decode(doc["rng"])), weights_only=False)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and rng["cuda"]:

@@ -62,12 +62,17 @@ def distillation_kl(l2r_logits: torch.Tensor, r2l_logits: torch.Tensor, lengths:
     raise ValueError(f"pairing must be 'aligned' or 'paper', got {pairing!r}")
 
 
-def teacher_tensors(token_ids: list[list[int]], sos: int = 0, eos: int = 1
+def teacher_tensors(token_ids: list[list[int]], sos: int = 0, eos: int = 1, steps: int | None = None
                     ) -> dict[str, torch.Tensor]:
-    """Decoder inputs/targets of spec 4.2 for both directions, padded to T = max n + 1."""
+    """Decoder inputs/targets of spec 4.2 for both directions, padded to T = max n + 1 steps, or to
+    ``steps`` when given (fixed shapes for CUDA graphs; the extra steps are masked out of every loss)."""
     B = len(token_ids)
     n = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
     T = int(n.max()) + 1
+    if steps is not None:
+        if steps < T:
+            raise ValueError(f"steps={steps} is fewer than the longest label needs ({T})")
+        T = steps
     l2r_in = torch.full((B, T), sos, dtype=torch.long)
     l2r_tgt = torch.full((B, T), eos, dtype=torch.long)
     r2l_in = torch.full((B, T), eos, dtype=torch.long)

@@ -1,6 +1,7 @@
 """A data split decoded once and kept on the training device as fixed, padded batches."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,25 +37,82 @@ class PackedBatch:
         return self.images.float().div_(255.0), rows[:, :, None] & cols[:, None, :]
 
 
+def _upload(group: list[Sample], vocab: Vocab, device: torch.device, H: int, W: int,
+            steps: int | None = None) -> PackedBatch:
+    """One batch of ``group`` on a zero canvas of H x W (top-left aligned), uploaded to ``device``."""
+    img = np.zeros((len(group), 1, H, W), np.uint8)
+    for j, s in enumerate(group):
+        img[j, 0, :s.image.shape[0], :s.image.shape[1]] = s.image
+    tt = teacher_tensors([vocab.encode(s.tokens) for s in group], steps=steps)
+    return PackedBatch(
+        images=torch.from_numpy(img).to(device),
+        heights=torch.tensor([s.image.shape[0] for s in group], device=device),
+        widths=torch.tensor([s.image.shape[1] for s in group], device=device),
+        lengths=tt["lengths"].to(device), l2r_in=tt["l2r_in"].to(device), l2r_tgt=tt["l2r_tgt"].to(device),
+        r2l_in=tt["r2l_in"].to(device), r2l_tgt=tt["r2l_tgt"].to(device),
+        names=[s.name for s in group], tokens=[s.tokens for s in group])
+
+
 def pack_split(samples: list[Sample], vocab: Vocab, device: torch.device, max_batch: int,
                max_batch_pixels: int, multiple: tuple[int, int] = (16, 16)) -> list[PackedBatch]:
     """Bucket ``samples`` by size (``size_batches``) and upload every batch once."""
     sizes = [s.image.shape for s in samples]
     out = []
+    mh, mw = multiple
     for idx in size_batches(sizes, max_batch, max_batch_pixels):
         group = [samples[i] for i in idx]
-        mh, mw = multiple
         H = -(-max(s.image.shape[0] for s in group) // mh) * mh
         W = -(-max(s.image.shape[1] for s in group) // mw) * mw
-        img = np.zeros((len(group), 1, H, W), np.uint8)
-        for j, s in enumerate(group):
-            img[j, 0, :s.image.shape[0], :s.image.shape[1]] = s.image
-        tt = teacher_tensors([vocab.encode(s.tokens) for s in group])
-        out.append(PackedBatch(
-            images=torch.from_numpy(img).to(device),
-            heights=torch.tensor([s.image.shape[0] for s in group], device=device),
-            widths=torch.tensor([s.image.shape[1] for s in group], device=device),
-            lengths=tt["lengths"].to(device), l2r_in=tt["l2r_in"].to(device), l2r_tgt=tt["l2r_tgt"].to(device),
-            r2l_in=tt["r2l_in"].to(device), r2l_tgt=tt["r2l_tgt"].to(device),
-            names=[s.name for s in group], tokens=[s.tokens for s in group]))
+        out.append(_upload(group, vocab, device, H, W))
+    return out
+
+
+def geometric_grid(start: int, stop: int, ratio: float, multiple: int) -> list[int]:
+    """start, then each value ``ratio`` times the last rounded up to ``multiple``, until >= stop."""
+    grid = [start]
+    while grid[-1] < stop:
+        grid.append(-(-int(grid[-1] * ratio) // multiple) * multiple)
+    return grid
+
+
+def _round_up(value: int, grid: list[int], multiple: int) -> int:
+    """The smallest grid value >= ``value``; past the grid, ``value`` rounded up to ``multiple``."""
+    i = bisect.bisect_left(grid, value)
+    return grid[i] if i < len(grid) else -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ShapeGrid:
+    """The few batch shapes of graph training: canvas heights, widths and step counts."""
+
+    heights: tuple = tuple(geometric_grid(64, 512, 1.5, 16))
+    widths: tuple = tuple(geometric_grid(128, 2048, 1.5, 32))
+    steps: tuple = (8, 16, 24, 32, 48, 64, 96, 128)
+
+
+def pack_fixed_shapes(samples: list[Sample], vocab: Vocab, device: torch.device, max_batch: int,
+                      max_batch_pixels: int, grid: ShapeGrid = ShapeGrid()) -> list[PackedBatch]:
+    """Batches with few distinct shapes (B, H, W, T), so each shape can be captured once as a CUDA graph.
+
+    Images go to the canvas (H, W) of the grid that holds them; every batch of a canvas has the same
+    B = max_batch_pixels // (H W) (at most ``max_batch``, and at most the canvas's image count); within a
+    canvas, images are sorted by label length so that a batch's T (rounded up on the step grid) wastes
+    few steps. The last batch of a canvas is filled up to B with the canvas's shortest-label images
+    again, so every image is used once per epoch and a few of them twice.
+    """
+    hs, ws = list(grid.heights), list(grid.widths)
+    canvases: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        h, w = s.image.shape
+        canvases.setdefault((_round_up(h, hs, 16), _round_up(w, ws, 32)), []).append(i)
+    out = []
+    for (H, W), idx in sorted(canvases.items()):
+        B = min(len(idx), max(1, min(max_batch, max_batch_pixels // (H * W))))
+        idx.sort(key=lambda i: (len(samples[i].tokens), i))
+        for k in range(0, len(idx), B):
+            chunk = idx[k:k + B]
+            chunk += idx[:B - len(chunk)]
+            group = [samples[i] for i in chunk]
+            steps = _round_up(max(len(s.tokens) for s in group) + 1, list(grid.steps), 16)
+            out.append(_upload(group, vocab, device, H, W, steps))
     return out

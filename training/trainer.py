@@ -28,7 +28,8 @@ from abm_rt.model import ABM, ModelConfig, initialize
 
 from .checkpoint import has_state, load_state, save_state
 from .losses import distillation_kl, sequence_ce
-from .packed import PackedBatch, pack_split
+from .graphed import GraphedTrainStep
+from .packed import PackedBatch, pack_fixed_shapes, pack_split
 
 
 @dataclass
@@ -68,6 +69,10 @@ class TrainConfig:
                                         # coverage sum in fp32 with autocast off; GRUs/output stay under autocast
     compile_step: bool = False          # torch.compile one decoder time step (dynamic shapes; the loop over t
                                         # stays in Python): fused pointwise ops, fewer kernel launches
+    cuda_graphs: bool = False           # whole training steps replayed from one CUDA graph per batch shape
+                                        # (training/graphed.py); batches packed on a shape grid (pack_fixed_shapes).
+                                        # On a CPU device the same fixed-shape batches train eagerly
+    save_every: int = 1                 # epochs between saved states (a pause or the end always saves)
     log_attention_sharpness: bool = True  # after each validation: mean max attention weight over valid steps
                                         # of the first val batch (val_att_max) and the uniform 1/cells baseline
     model: dict = field(default_factory=dict)   # ModelConfig overrides (tests use small models)
@@ -83,11 +88,14 @@ def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, progress: float) -
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str
+def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, autocast_cache: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl]."""
+    """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl].
+
+    ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured)."""
     x, pmask = b.inputs()
-    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16",
+                         cache_enabled=autocast_cache)
     opts = {"attention_fp32": cfg.attention_fp32, "compile_step": cfg.compile_step}
     with amp:
         feats, fmask = model.encode(x, pmask)
@@ -138,19 +146,17 @@ class Trainer:
         self.model = ABM(ModelConfig(**cfg.model), bidirectional=cfg.bidirectional)
         initialize(self.model)
         self.model.to(self.device)
-        params = self.model.parameters()
-        if cfg.optimizer == "adamw":
-            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
-        elif cfg.optimizer == "adadelta":
-            self.opt = torch.optim.Adadelta(params, lr=cfg.lr, rho=0.9, eps=1e-6, weight_decay=cfg.weight_decay)
-        else:
-            raise ValueError(f"optimizer must be 'adamw' or 'adadelta', got {cfg.optimizer!r}")
+        self.graphed_wanted = cfg.cuda_graphs and self.device.type == "cuda"
+        self.opt = self._optimizer()
         t0 = time.time()
         data = Path(cfg.data)
         train = read_split(data / "train", limit=cfg.train_limit)
         val = read_split(data / "2014", limit=cfg.val_limit)
         pad = tuple(cfg.pad_to)
-        self.train_batches = pack_split(train, self.vocab, self.device, cfg.max_batch, cfg.batch_pixels, pad)
+        if cfg.cuda_graphs:
+            self.train_batches = pack_fixed_shapes(train, self.vocab, self.device, cfg.max_batch, cfg.batch_pixels)
+        else:
+            self.train_batches = pack_split(train, self.vocab, self.device, cfg.max_batch, cfg.batch_pixels, pad)
         self.val_batches = pack_split(val, self.vocab, self.device, 128, cfg.val_batch_pixels, pad)
         self.n_train, self.n_val = len(train), len(val)
         self.load_seconds = time.time() - t0
@@ -158,10 +164,47 @@ class Trainer:
                                      "best_epoch": None, "train_seconds": 0.0, "config": asdict(cfg)}
         if has_state(self.out / "state"):
             self.meta.update(load_state(self.out / "state", self.model, self.opt))
+        self.graphed: GraphedTrainStep | None = None
+        if self.graphed_wanted:
+            self.graphed = GraphedTrainStep(self.model, self.opt, lambda b, cache: self._loss(b, cache),
+                                            cfg.clip, self.opt.param_groups[0]["lr"])
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW (fused) or Adadelta (spec 4.4). For CUDA graphs: capturable, with one lr tensor that the
+        schedule fills in place (a float would be baked into the captured kernels)."""
+        cfg, params = self.cfg, list(self.model.parameters())
+        graphs = self.graphed_wanted
+        lr = torch.tensor(cfg.lr, device=self.device) if graphs else cfg.lr
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay,
+                                     fused=self.device.type == "cuda", capturable=graphs)
+        if cfg.optimizer == "adadelta":
+            return torch.optim.Adadelta(params, lr=lr, rho=0.9, eps=1e-6, weight_decay=cfg.weight_decay,
+                                        foreach=True if graphs else None, capturable=graphs)
+        raise ValueError(f"optimizer must be 'adamw' or 'adadelta', got {cfg.optimizer!r}")
 
     # ---- one epoch --------------------------------------------------------------------------------
-    def _loss(self, b: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(self.model, b, self.cfg, self.device.type)
+    def _loss(self, b: PackedBatch, autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache)
+
+    def _eager_step(self, b: PackedBatch, sums: torch.Tensor) -> None:
+        loss, parts = self._loss(b)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+        sums += parts
+
+    def _graphed_step(self, b: PackedBatch, sums: torch.Tensor) -> None:
+        """A step from a CUDA graph; if capturing fails, say why and train eagerly from here on."""
+        assert self.graphed is not None
+        try:
+            self.graphed.step(b)
+        except RuntimeError as err:
+            self._log({"event": "cuda_graphs_off", "reason": str(err)[:2000], "epoch": self.meta["epoch"]})
+            sums += self.graphed.sums
+            self.graphed = None
+            torch.cuda.synchronize()
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the fixed batches in a shuffled order; returns mean losses and timing."""
@@ -171,21 +214,31 @@ class Trainer:
         sums = torch.zeros(3, device=self.device)
         spe = len(order)
         t0 = time.time()
+        if self.graphed is not None:
+            self.graphed.reset_sums()
+        capture0 = self.graphed.capture_seconds if self.graphed is not None else 0.0
         for i, bi in enumerate(order):
             lr = _lr_at(self.cfg, self.meta["step"], spe, self._progress(i / spe, time.time() - t0))
             for g in self.opt.param_groups:
-                g["lr"] = lr
-            loss, parts = self._loss(self.train_batches[bi])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-            self.opt.step()
-            sums += parts
+                if torch.is_tensor(g["lr"]):
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
+            if self.graphed is not None:
+                self._graphed_step(self.train_batches[bi], sums)
+            else:
+                self._eager_step(self.train_batches[bi], sums)
             self.meta["step"] += 1
+        if self.graphed is not None:
+            sums += self.graphed.sums
         means = (sums / spe).tolist()           # the epoch's one host synchronisation
         secs = time.time() - t0
-        return {"ce_l2r": means[0], "ce_r2l": means[1], "kl": means[2], "lr": lr,
-                "epoch_seconds": secs, "images_per_s": self.n_train / secs}
+        out = {"ce_l2r": means[0], "ce_r2l": means[1], "kl": means[2], "lr": lr,
+               "epoch_seconds": secs, "images_per_s": self.n_train / secs}
+        if self.graphed is not None:
+            out["graphs"] = len(self.graphed.graphs)
+            out["capture_seconds"] = round(self.graphed.capture_seconds - capture0, 2)
+        return out
 
     def _progress(self, epoch_fraction: float, epoch_seconds: float) -> float:
         """Fraction of the run done: by training time when there is a time budget, else by epochs."""
@@ -264,10 +317,13 @@ class Trainer:
                                         "train_config": asdict(cfg)})
                 record["saved_best"] = True
             self._log(record)
-            save_state(self.out / "state", self.model, self.opt, self.meta)
+            pause = False
             if cfg.stop_after is not None:
                 per_epoch = (time.time() - start) / (e - first_epoch)
-                if time.time() - start + per_epoch * 1.15 > cfg.stop_after:
-                    self._log({"event": "pause", "epoch": e, "elapsed": round(time.time() - start, 1)})
-                    break
+                pause = time.time() - start + per_epoch * 1.15 > cfg.stop_after
+            if pause or self.finished() or e % max(1, cfg.save_every) == 0:
+                save_state(self.out / "state", self.model, self.opt, self.meta)
+            if pause:
+                self._log({"event": "pause", "epoch": e, "elapsed": round(time.time() - start, 1)})
+                break
         return self.meta

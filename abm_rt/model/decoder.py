@@ -270,7 +270,10 @@ class DecoderBranch(nn.Module):
         else:
             cache = self.prepare(features, mask)
         h = self.initial_state(features, cache.mask)
-        emb = self.embedding(inputs)                       # [B, T, m]
+        # index_select, not nn.Embedding's forward: the same lookup, but its backward (index_add) never
+        # synchronises with the host, which CUDA-graph capture of the training step requires (the
+        # embedding backward sorts the indices and reads a count back once B*T > 3072).
+        emb = self.embedding.weight.index_select(0, inputs.reshape(-1)).view(*inputs.shape, -1)   # [B, T, m]
         gy_all = self.W_y(emb)                             # [B, T, 3n]
         coverage = features.new_zeros(mask.shape, dtype=cache.ua_f.dtype)
         compiled = self._compiled_tf_step() if compile_step else None

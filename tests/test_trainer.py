@@ -1,0 +1,214 @@
+"""The trainer end to end on a tiny model and a tiny self-made dataset (CPU), fixed-shape packing for CUDA
+graphs, the resumable state, and (GPU only) a graph-replayed training step against the eager one."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from abm_rt.data.crohme import Sample
+from abm_rt.data.vocab import Vocab
+from abm_rt.model import ABM, ModelConfig, initialize
+from training.checkpoint import load_state, save_state
+from training.packed import ShapeGrid, geometric_grid, pack_fixed_shapes
+from training.trainer import TrainConfig, Trainer
+
+TINY = {"growth": 8, "block_depth": 2, "hidden": 32, "embed": 32, "attn": 32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: tiny shapes gain nothing from two on the shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _samples(n: int, seed: int, max_h: int = 300, max_w: int = 900) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    vocab = Vocab.default()
+    out = []
+    for i in range(n):
+        h, w = int(rng.integers(20, max_h)), int(rng.integers(20, max_w))
+        image = ((rng.random((h, w)) > 0.9) * 255).astype(np.uint8)
+        tokens = [vocab.tokens[int(t)] for t in rng.integers(2, len(vocab) - 1, int(rng.integers(1, 40)))]
+        out.append(Sample(f"s{i}", image, tokens))
+    return out
+
+
+def test_geometric_grid():
+    assert geometric_grid(64, 512, 1.5, 16) == [64, 96, 144, 224, 336, 512]
+    assert geometric_grid(10, 10, 2.0, 1) == [10]
+
+
+def test_pack_fixed_shapes_properties():
+    """Every canvas is on the grid (or past it, rounded), B is one number per canvas, T is on the step grid
+    and holds the longest label, every sample is used, pixels past an image are zero, and the number of
+    distinct shapes stays small."""
+    samples = _samples(300, seed=0)
+    vocab = Vocab.default()
+    grid = ShapeGrid()
+    batches = pack_fixed_shapes(samples, vocab, torch.device("cpu"), max_batch=16, max_batch_pixels=600_000,
+                                grid=grid)
+    by_name = {s.name: s for s in samples}
+    counts: dict[str, int] = {}
+    per_canvas: dict[tuple[int, int], set[int]] = {}
+    for b in batches:
+        B, _, H, W = b.images.shape
+        T = b.l2r_in.shape[1]
+        assert H in grid.heights and W in grid.widths
+        assert T in grid.steps and T >= int(b.lengths.max()) + 1
+        assert B <= max(1, min(16, 600_000 // (H * W)))
+        per_canvas.setdefault((H, W), set()).add(B)
+        for j, name in enumerate(b.names):
+            s = by_name[name]
+            h, w = s.image.shape
+            assert int(b.heights[j]) == h and int(b.widths[j]) == w and int(b.lengths[j]) == len(s.tokens)
+            assert torch.equal(b.images[j, 0, :h, :w], torch.from_numpy(s.image))
+            assert int(b.images[j, 0].sum()) == int(s.image.astype(np.int64).sum())   # zero outside
+            assert b.l2r_in[j, 1:len(s.tokens) + 1].tolist() == vocab.encode(s.tokens)
+            counts[name] = counts.get(name, 0) + 1
+    assert set(counts) == set(by_name) and max(counts.values()) <= 2
+    assert all(len(v) == 1 for v in per_canvas.values())
+    shapes = {(tuple(b.images.shape), b.l2r_in.shape[1]) for b in batches}
+    assert len(shapes) <= len(grid.heights) * len(grid.widths) * len(grid.steps)
+    canvases = {(b.images.shape[2], b.images.shape[3]): b.images.shape[0] for b in batches}
+    assert sum(counts.values()) - len(samples) <= sum(B - 1 for B in canvases.values())   # last batches only
+
+
+def _write_split(folder, samples: list[Sample]) -> None:
+    folder.mkdir(parents=True)
+    lines = []
+    for s in samples:
+        Image.fromarray(255 - s.image).save(folder / f"{s.name}.png")    # black ink on white, as CROHME
+        lines.append(f"{s.name}\t{' '.join(s.tokens)}")
+    (folder / "caption.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adadelta"])
+def test_trainer_runs_logs_and_resumes(tmp_path, optimizer):
+    """Two epochs on 12 images (fixed-shape batches, as CUDA-graph training packs them; on a CPU they train
+    eagerly), validation decode, one JSON line per epoch, a saved state; a second Trainer resumes at epoch 2
+    from that state with the same weights and runs a third epoch."""
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(12, seed=1, max_h=120, max_w=300))
+    _write_split(data / "2014", _samples(4, seed=2, max_h=120, max_w=300))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, optimizer=optimizer,
+                      lr=1e-3 if optimizer == "adamw" else 1.0, max_batch=4, batch_pixels=200_000,
+                      cuda_graphs=True, val_every=1, val_beam=2, device="cpu", model=TINY, save_every=1)
+    trainer = Trainer(cfg)
+    assert trainer.graphed is None                      # no CUDA device: eager steps on fixed shapes
+    assert all(b.l2r_in.shape[1] in ShapeGrid().steps for b in trainer.train_batches)
+    meta = trainer.run()
+    assert meta["epoch"] == 2 and meta["step"] == 2 * len(trainer.train_batches)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch" in r and "ce_l2r" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert np.isfinite([r["ce_l2r"], r["ce_r2l"], r["kl"], r["val_ce"]]).all()
+        assert r["val_total"] == 4 and 0 <= r["val_exprate"] <= 100
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    resumed = Trainer(TrainConfig(**{**cfg.__dict__, "epochs": 3}))
+    assert resumed.meta["epoch"] == 2 and resumed.meta["step"] == meta["step"]
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert resumed.run()["epoch"] == 3
+
+
+def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
+    """save_state writes a tensor lr as a float; load_state restores weights and moments and keeps the
+    loading optimizer's own lr object and flags (a CUDA-graph run's tensor lr must stay a tensor)."""
+    torch.manual_seed(0)
+    model = ABM(ModelConfig(**TINY), bidirectional=True)
+    initialize(model)
+    opt = torch.optim.Adadelta(model.parameters(), lr=torch.tensor(0.5), foreach=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    save_state(tmp_path / "s", model, opt, {"epoch": 1})
+    model2 = ABM(ModelConfig(**TINY), bidirectional=True)
+    lr = torch.tensor(0.25)
+    opt2 = torch.optim.Adadelta(model2.parameters(), lr=lr, foreach=True)
+    assert load_state(tmp_path / "s", model2, opt2)["epoch"] == 1
+    assert opt2.param_groups[0]["lr"] is lr
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+    p1, p2 = next(model.parameters()), next(model2.parameters())
+    assert torch.equal(opt.state[p1]["square_avg"], opt2.state[p2]["square_avg"])
+
+    # weights only (what a device call hands back to bundle an engine): no optimizer tensors at all
+    save_state(tmp_path / "w", model, opt, {"epoch": 1, "config": {"model": TINY}}, keep_moments=False)
+    from safetensors.torch import load_file
+    names = [k for f in (tmp_path / "w").glob("*.safetensors") for k in load_file(str(f))]
+    assert names and all(k.startswith("model.") for k in names)
+    from training.bundle import bundle
+    from abm_rt.engine_dir import load_engine
+    engine = load_engine(bundle(tmp_path / "w", tmp_path / "engine"))
+    assert torch.equal(engine.model.l2r.W_o.weight, model.l2r.W_o.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("optimizer", ["adamw", "adadelta"])
+def test_graphed_step_equals_eager_step(tmp_path, optimizer):
+    """From the same weights and optimizer state, one replayed graph step and one eager step on a new batch
+    of the captured shape give the same parameters (fp32, dropout 0), and the loss sums agree."""
+    from training.graphed import GraphedTrainStep
+    from training.trainer import batch_loss
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    samples = _samples(64, seed=3, max_h=100, max_w=300)
+    batches = pack_fixed_shapes(samples, Vocab.default(), dev, max_batch=8, max_batch_pixels=400_000)
+    key = lambda b: (tuple(b.images.shape), b.l2r_in.shape[1])
+    pair = next((a, b) for i, a in enumerate(batches) for b in batches[i + 1:] if key(a) == key(b))
+    cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.0})
+    torch.manual_seed(0)
+    model = ABM(ModelConfig(**cfg.model), bidirectional=True)
+    initialize(model)
+    model.to(dev).train()
+    lr = torch.tensor(1e-3 if optimizer == "adamw" else 1.0, device=dev)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
+    else:
+        opt = torch.optim.Adadelta(model.parameters(), lr=lr, foreach=True, capturable=True)
+    step = GraphedTrainStep(model, opt, lambda b, cache: batch_loss(model, b, cfg, "cuda", cache), 100.0, lr)
+    assert step.step(pair[0]) is False                 # warm-up (a real step) and capture
+    snapshot = ({k: v.clone() for k, v in model.state_dict().items()},
+                {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()})
+
+    def restore():
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(snapshot[0][k])
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    v.copy_(snapshot[1][id(p)][k])
+
+    restore()
+    step.reset_sums()
+    assert step.step(pair[1]) is True                  # replay
+    graphed = {k: v.clone() for k, v in model.state_dict().items()}
+    graphed_sums = step.sums.clone()
+    restore()
+    opt.zero_grad(set_to_none=False)
+    loss, parts = batch_loss(model, pair[1], cfg, "cuda")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(step.params, 100.0, foreach=True)
+    opt.step()
+    assert torch.allclose(parts, graphed_sums, rtol=1e-5, atol=1e-6), (parts, graphed_sums)
+    worst = 0.0
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            moved = (snapshot[0][k] - v).abs().max()
+            err = (graphed[k] - v).abs().max()
+            assert torch.isfinite(graphed[k]).all(), k
+            worst = max(worst, float(err / moved.clamp(min=1e-12)))
+    print(f"{optimizer}: worst |graphed - eager| / |update| over tensors = {worst:.2e}; "
+          f"{len(step.graphs)} graph(s), capture {step.capture_seconds:.2f} s")
+    assert worst < 1e-3

@@ -1,0 +1,102 @@
+"""Whole training steps (forward, backward, clipping, optimizer) replayed from CUDA graphs.
+
+Why: the decoder's time loop launches ~100 small kernels per step and direction, so an eager training
+step is bound by the CPU launching them (0.28-0.45 s per batch on an H100,
+``tests/logs/2026-11-26_train_profile_h100``). A CUDA graph replays the same kernels with no Python
+and no launch overhead. One graph per batch shape (B, H, W, T): ``pack_fixed_shapes`` keeps their
+number near a hundred. All graphs share one memory pool; that is safe because they run one at a time
+on one stream and keep nothing alive between replays (gradients, optimizer state, the learning rate
+and the loss sums are tensors allocated outside the graphs and updated in place).
+
+What capture needs from the step, and gets here: no host synchronisation (the losses and the KL
+pairing are sync-free), gradients that exist before capture (zeroed in place, never set to None),
+an optimizer built with ``capturable=True`` and a tensor learning rate, autocast without its weight
+cache, and dropout from the graph-safe default generator (each replay draws new masks).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .packed import PackedBatch
+
+LossFn = Callable[[PackedBatch, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _batch_fields(b: PackedBatch) -> list[str]:
+    return ["images", "heights", "widths", "lengths", "l2r_in", "l2r_tgt", "r2l_in", "r2l_tgt"]
+
+
+def shape_key(b: PackedBatch) -> tuple[int, ...]:
+    """The shape a graph is specialised to: (B, H, W, T)."""
+    B, _, H, W = b.images.shape
+    return (B, H, W, b.l2r_in.shape[1])
+
+
+class GraphedTrainStep:
+    """Runs ``loss -> backward -> clip -> optimizer.step`` for a batch, from a CUDA graph per shape.
+
+    The first batch of each shape runs eagerly (a real training step, on a side stream as capture
+    requires for warm-up) and is then captured; later batches of that shape are copied into the
+    graph's static input tensors and replayed. ``lr`` is the optimizer's learning-rate tensor: set
+    it with ``set_lr`` before each step. ``sums`` accumulates the detached loss parts on the device.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                 clip: float, lr: torch.Tensor):
+        if lr.device.type != "cuda":
+            raise ValueError("CUDA graph training needs the model, optimizer and lr tensor on a CUDA device")
+        self.model, self.opt, self.loss_fn, self.clip, self.lr = model, optimizer, loss_fn, clip, lr
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:               # gradients live outside every graph, zeroed in place
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.sums = torch.zeros(3, device=lr.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, PackedBatch]] = {}
+        self.capture_seconds = 0.0
+
+    def set_lr(self, value: float) -> None:
+        """The learning rate of the next step (an in-place fill: graphs read the tensor)."""
+        self.lr.fill_(value)
+
+    def _body(self, b: PackedBatch) -> None:
+        self.opt.zero_grad(set_to_none=False)
+        loss, parts = self.loss_fn(b, False)          # False: autocast weight cache off (capture)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        self.opt.step()
+        self.sums += parts
+
+    def step(self, b: PackedBatch) -> bool:
+        """One training step on ``b``. Returns True when it replayed a graph, False when it ran eagerly
+        to warm up and capture a new shape."""
+        key = shape_key(b)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, static = entry
+            for name in _batch_fields(b):
+                getattr(static, name).copy_(getattr(b, name))
+            graph.replay()
+            return True
+        import time
+        t0 = time.time()
+        static = PackedBatch(**{name: getattr(b, name).clone() for name in _batch_fields(b)},
+                             names=[], tokens=[])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._body(static)                        # the warm-up is this batch's real step
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._body(static)                        # recorded, not run
+        self.graphs[key] = (graph, static)
+        torch.cuda.synchronize()
+        self.capture_seconds += time.time() - t0
+        return False
+
+    def reset_sums(self) -> None:
+        """Zero the loss accumulators (start of an epoch)."""
+        self.sums.zero_()
