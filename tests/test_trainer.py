@@ -120,6 +120,32 @@ def test_trainer_runs_logs_and_resumes(tmp_path, optimizer):
     assert resumed.run()["epoch"] == 3
 
 
+def test_warm_start_and_kl_warmup(tmp_path):
+    """--init-from copies the engine's encoder and L2R weights into a fresh run (R2L keeps its own init);
+    the KL weight ramps linearly to kl_weight over kl_warmup_epochs; the CLI parses both options."""
+    from abm_rt.engine_dir import save_engine
+    from training.__main__ import build_parser
+
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(6, seed=4, max_h=100, max_w=200))
+    _write_split(data / "2014", _samples(2, seed=5, max_h=100, max_w=200))
+    torch.manual_seed(7)
+    source = ABM(ModelConfig(**TINY))
+    initialize(source)
+    save_engine(tmp_path / "engine", source, Vocab.default())
+    args = build_parser().parse_args(["--init-from", str(tmp_path / "engine"), "--kl-warmup-epochs", "2"])
+    assert args.init_from == str(tmp_path / "engine") and args.kl_warmup_epochs == 2.0
+    trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run"), device="cpu", model=TINY,
+                                  init_from=args.init_from, kl_warmup_epochs=2.0))
+    for k, v in source.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+    assert not torch.equal(trainer.model.r2l.W_o.weight, source.l2r.W_o.weight)
+    assert [trainer._kl_weight_at(s, 10) for s in (0, 9, 19, 40)] == pytest.approx([0.4, 4.0, 8.0, 8.0])
+    with pytest.raises(ValueError, match="model dimensions"):
+        Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run2"), device="cpu",
+                            model={**TINY, "hidden": 48}, init_from=str(tmp_path / "engine")))
+
+
 def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
     """save_state writes a tensor lr as a float; load_state restores weights and moments and keeps the
     loading optimizer's own lr object and flags (a CUDA-graph run's tensor lr must stay a tensor)."""
@@ -146,6 +172,9 @@ def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
     from safetensors.torch import load_file
     names = [k for f in (tmp_path / "w").glob("*.safetensors") for k in load_file(str(f))]
     assert names and all(k.startswith("model.") for k in names)
+    from training.checkpoint import export_weights
+    export_weights(tmp_path / "s", tmp_path / "w2")          # the same, from a full saved state
+    assert sorted(k for f in (tmp_path / "w2").glob("*.safetensors") for k in load_file(str(f))) == sorted(names)
     from training.bundle import bundle
     from abm_rt.engine_dir import load_engine
     engine = load_engine(bundle(tmp_path / "w", tmp_path / "engine"))

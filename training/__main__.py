@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: tuple(int(x) for x in s.split(",")),
                            default=default, help=f"comma separated (default {','.join(map(str, default))})")
         elif default is None:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=float if "float" in str(f.type) else int,
-                           default=None, help="(default: none)")
+            kind = float if "float" in str(f.type) else (str if "str" in str(f.type) else int)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help="(default: none)")
         else:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
                            help=f"(default {default})")

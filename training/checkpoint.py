@@ -129,3 +129,24 @@ def load_state(in_dir: str | Path, model: torch.nn.Module, optimizer: torch.opti
     if torch.cuda.is_available() and rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
     return doc["meta"]
+
+
+def export_weights(state_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy only the model weights of a saved state (any form) to ``out_dir`` as a weights-only state:
+    what a device call hands back while its trainer is still running (the last saved epoch)."""
+    src, out = Path(state_dir), Path(out_dir)
+    doc = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+    weights, _ = load_model_weights(src)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _write_shards({f"model.{k}": v for k, v in weights.items()}, out, "state")
+    doc.update({"files": files, "scalars": {}, "compact": True})
+    (out / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m training.checkpoint STATE_DIR OUT_DIR   (weights only, <= 16 MiB shards)")
+    print(export_weights(sys.argv[1], sys.argv[2]))

@@ -55,6 +55,10 @@ class TrainConfig:
                                         # each new shape costs cuDNN plan set-up
     pairing: str = "aligned"            # KL pairing: "aligned" (fixed) or "paper"
     kl_weight: float = 8.0              # beta * T^2 = 0.5 * 16 (spec 4.3)
+    kl_warmup_epochs: float = 0.0       # KL weight ramped linearly from 0 over these epochs (e.g. while a
+                                        # freshly initialised R2L branch meets a warm-started L2R)
+    init_from: str | None = None        # warm start a fresh run from an engine directory ("default": the
+                                        # bundled one): encoder and L2R weights; R2L keeps its spec init
     bidirectional: bool = True          # False: the L2R-only baseline
     precision: str = "bf16"             # "bf16" autocast or "fp32"
     val_every: int = 2
@@ -88,11 +92,12 @@ def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, progress: float) -
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, autocast_cache: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, autocast_cache: bool = True,
+               kl_weight: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl].
 
-    ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured)."""
+    ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured).
+    ``kl_weight`` overrides ``cfg.kl_weight``; a tensor lets a captured graph follow a schedule."""
     x, pmask = b.inputs()
     amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16",
                          cache_enabled=autocast_cache)
@@ -107,7 +112,7 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
         zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
     ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths)
     kl = distillation_kl(zl, zr, b.lengths, cfg.pairing)
-    loss = ce_l + ce_r + cfg.kl_weight * kl
+    loss = ce_l + ce_r + (cfg.kl_weight if kl_weight is None else kl_weight) * kl
     return loss, torch.stack([ce_l.detach(), ce_r.detach(), kl.detach()])
 
 
@@ -146,6 +151,7 @@ class Trainer:
         self.model = ABM(ModelConfig(**cfg.model), bidirectional=cfg.bidirectional)
         initialize(self.model)
         self.model.to(self.device)
+        self.kl_scale = torch.tensor(cfg.kl_weight, device=self.device)   # filled per step (KL warm-up)
         self.graphed_wanted = cfg.cuda_graphs and self.device.type == "cuda"
         self.opt = self._optimizer()
         t0 = time.time()
@@ -164,10 +170,29 @@ class Trainer:
                                      "best_epoch": None, "train_seconds": 0.0, "config": asdict(cfg)}
         if has_state(self.out / "state"):
             self.meta.update(load_state(self.out / "state", self.model, self.opt))
+        elif cfg.init_from:
+            self._warm_start(cfg.init_from)
         self.graphed: GraphedTrainStep | None = None
         if self.graphed_wanted:
             self.graphed = GraphedTrainStep(self.model, self.opt, lambda b, cache: self._loss(b, cache),
                                             cfg.clip, self.opt.param_groups[0]["lr"])
+
+    def _warm_start(self, source: str) -> None:
+        """Encoder and L2R weights (and BN statistics) from an engine directory."""
+        from abm_rt.engine_dir import default_engine_path, load_engine
+
+        engine = load_engine(default_engine_path() if source == "default" else source)
+        if engine.model.cfg != self.model.cfg:
+            raise ValueError(f"--init-from {source}: its model dimensions {engine.model.cfg} differ from this run's")
+        with torch.no_grad():
+            self.model.encoder.load_state_dict(engine.model.encoder.state_dict())
+            self.model.l2r.load_state_dict(engine.model.l2r.state_dict())
+        self.meta["init_from"] = str(engine.path)
+
+    def _kl_weight_at(self, step: int, steps_per_epoch: int) -> float:
+        """The KL weight: ``kl_weight``, ramped from 0 over ``kl_warmup_epochs`` when set."""
+        ramp = self.cfg.kl_warmup_epochs * steps_per_epoch
+        return self.cfg.kl_weight * (min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW (fused) or Adadelta (spec 4.4). For CUDA graphs: capturable, with one lr tensor that the
@@ -185,7 +210,7 @@ class Trainer:
 
     # ---- one epoch --------------------------------------------------------------------------------
     def _loss(self, b: PackedBatch, autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache)
+        return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache, self.kl_scale)
 
     def _eager_step(self, b: PackedBatch, sums: torch.Tensor) -> None:
         loss, parts = self._loss(b)
@@ -224,6 +249,8 @@ class Trainer:
                     g["lr"].fill_(lr)
                 else:
                     g["lr"] = lr
+            if self.cfg.kl_warmup_epochs > 0:
+                self.kl_scale.fill_(self._kl_weight_at(self.meta["step"], spe))
             if self.graphed is not None:
                 self._graphed_step(self.train_batches[bi], sums)
             else:

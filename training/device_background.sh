@@ -1,0 +1,43 @@
+#!/bin/bash
+# A training run that outlives one device call: the trainer runs detached (setsid) on the warm machine,
+# and consecutive calls, each at most 10 minutes, watch it. One process for the whole run, so CUDA
+# graphs are captured once and the data is packed once. The machine is given back 30 s after a call
+# ends (or after 30 minutes held): chain the calls, and give the trainer a --stop-after that ends it
+# before the last call does.
+#   first call:  RUN=name bash training/device_background.sh start [trainer options]   (carry [".carry"])
+#   later calls: RUN=name bash training/device_background.sh wait
+# Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back the
+# log, the trainer's output and, once it has finished, its weights (fp32, <= 16 MiB shards) in $OUT.
+set -uo pipefail
+RUN=${RUN:-abm}
+WAIT=${WAIT:-560}
+dir="runs/$RUN"
+case "${1:-}" in
+  start)
+    shift
+    mkdir -p /tmp/data "$dir" && tar -xzf .carry/crohme.tar.gz -C /tmp/data
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    # bash writes its own pid and execs the trainer, so the pid file names the trainer itself; the
+    # options pass through as arguments ("$@"), never re-parsed by a shell.
+    setsid nohup bash -c 'echo $$ > "$0/pid"; exec env PYTHONUNBUFFERED=1 python3 -m training \
+      --data /tmp/data/crohme --out "$0" --export-weights "$0/weights" "$@"' "$dir" "$@" \
+      > "$dir/train.out" 2>&1 < /dev/null &
+    sleep 5
+    ;;
+  wait) ;;
+  *) echo "usage: RUN=name bash $0 start [trainer options] | wait" >&2; exit 2 ;;
+esac
+[ -f "$dir/pid" ] || { echo "no trainer was started in $dir on this machine (was it given back?)" >&2; exit 1; }
+pid=$(cat "$dir/pid")
+end=$((SECONDS + WAIT))
+while [ $SECONDS -lt $end ] && kill -0 "$pid" 2>/dev/null; do sleep 5; done
+if kill -0 "$pid" 2>/dev/null; then echo "trainer $pid still running"; else echo "trainer $pid has finished"; fi
+tail -n 40 "$dir/train.out"
+cp "$dir/train.out" "$OUT/" 2>/dev/null
+cp "$dir/log.jsonl" "$OUT/" 2>/dev/null
+if [ -d "$dir/weights" ]; then
+  cp -r "$dir/weights" "$OUT/state"
+elif [ -f "$dir/state/state.json" ]; then      # still running: the last saved epoch's weights
+  python3 -m training.checkpoint "$dir/state" "$OUT/state" > /dev/null
+fi
+exit 0
