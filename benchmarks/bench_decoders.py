@@ -30,10 +30,17 @@ from abm_rt.metrics import score_predictions  # noqa: E402
 CONFIGS = [("pytorch", "fp32"), ("native", "fp32"), ("native", "fp16"), ("native", "int8")]
 
 
-def run_config(decoder: str, precision: str, paths: list[str], batch: int, device: str, beam: int):
-    """(seconds, results) of one predict over ``paths`` after a warm-up on the first few."""
+def run_config(decoder: str, precision: str, paths: list[str], batch: int, device: str, beam: int,
+               encoder_precision: str = "fp32"):
+    """(seconds, results) of one predict over ``paths`` after a warm-up on the first few.
+
+    ``encoder_precision="fp16"`` swaps in the PyTorch CUDA encoder in FP16 (issue 5's parity row)."""
     rec = Recognizer(device=device, beam_size=beam, max_batch_size=batch, decoder=decoder,
                      decoder_precision=precision, max_batch_pixels=64_000_000)
+    if encoder_precision != "fp32":
+        from abm_rt.backends.torch_backend import TorchEncoder
+        rec.encoder = TorchEncoder(rec.model, rec.device, precision=encoder_precision, cuda_graphs=False,
+                                   bucket_pad=False)
     rec.predict(paths[: min(len(paths), max(2, batch))])            # warm-up: allocator, cuDNN plans
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -53,7 +60,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,256", help="comma separated max batch sizes")
     ap.add_argument("--limit-batch1", type=int, default=200, help="images timed at batch 1 (it is slow)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images at every batch size")
-    ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS))
+    ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS),
+                    help="comma separated DECODER:PRECISION[:ENCODER_PRECISION] (encoder fp32 unless given)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data = Path(args.data)
@@ -64,20 +72,24 @@ def main() -> int:
         paths = [str(data / f"{n}.png") for n, _ in caps]
         refs = [t for _, t in caps]
         for spec in args.configs.split(","):
-            decoder, precision = spec.split(":")
+            decoder, precision, *enc = spec.split(":")
+            enc_precision = enc[0] if enc else "fp32"
             try:
-                secs, results, info = run_config(decoder, precision, paths, batch, args.device, args.beam)
+                secs, results, info = run_config(decoder, precision, paths, batch, args.device, args.beam,
+                                                 enc_precision)
             except Exception as e:  # noqa: BLE001 - record and go on to the next configuration
-                rows.append({"decoder": decoder, "precision": precision, "batch": batch, "error": f"{type(e).__name__}: {e}"})
+                rows.append({"decoder": decoder, "precision": precision, "encoder_precision": enc_precision,
+                             "batch": batch, "error": f"{type(e).__name__}: {e}"})
                 print(rows[-1], flush=True)
                 continue
             toks = [r.tokens for r in results]
             key = (batch, len(paths))
-            if decoder == "pytorch" and precision == "fp32":
+            if decoder == "pytorch" and precision == "fp32" and enc_precision == "fp32":
                 base_tokens[key] = toks
             same = base_tokens.get(key)
             scores = score_predictions([r.tokens if r.ok and not r.truncated else None for r in results], refs)
-            rows.append({"decoder": decoder, "precision": precision, "batch": batch, "images": len(paths),
+            rows.append({"decoder": decoder, "precision": precision, "encoder_precision": enc_precision,
+                         "batch": batch, "images": len(paths),
                          "seconds": round(secs, 3), "images_per_s": round(len(paths) / secs, 2),
                          "ms_per_image": round(1000 * secs / len(paths), 3),
                          "exprate": round(scores.exprate, 2), "le1": round(scores.le1, 2), "le2": round(scores.le2, 2),
@@ -89,7 +101,8 @@ def main() -> int:
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     commit = os.environ.get("ABM_RT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip() or None
-    best = {f"{r['decoder']} {r['precision']} b{r['batch']} ms/img": r["ms_per_image"] for r in rows if "ms_per_image" in r}
+    best = {f"{r['decoder']} {r['precision']} enc-{r['encoder_precision']} b{r['batch']} ms/img": r["ms_per_image"]
+            for r in rows if "ms_per_image" in r}
     doc = {"benchmark": "decoders", "date": now.isoformat(timespec="seconds"), "device": dev_name, "commit": commit,
            "command": " ".join(["python3", *sys.argv]), "beam": args.beam, "dataset": data.name, "rows": rows,
            "headline": best}

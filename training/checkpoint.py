@@ -131,14 +131,18 @@ def load_state(in_dir: str | Path, model: torch.nn.Module, optimizer: torch.opti
     return doc["meta"]
 
 
-def export_weights(state_dir: str | Path, out_dir: str | Path) -> Path:
+def export_weights(state_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Copy only the model weights of a saved state (any form) to ``out_dir`` as a weights-only state:
-    what a device call hands back while its trainer is still running (the last saved epoch)."""
+    what a device call hands back while its trainer is still running (the last saved epoch).
+
+    ``dtype=torch.float16`` halves it (17 MB for ABM) to carry a run to a fresh machine within the
+    device call's 64 MiB; resuming casts back to fp32 (relative rounding <= 2^-11)."""
     src, out = Path(state_dir), Path(out_dir)
     doc = json.loads((src / META_FILE).read_text(encoding="utf-8"))
     weights, _ = load_model_weights(src)
     out.mkdir(parents=True, exist_ok=True)
-    files = _write_shards({f"model.{k}": v for k, v in weights.items()}, out, "state")
+    cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in weights.items()}
+    files = _write_shards({f"model.{k}": v for k, v in cast.items()}, out, "state")
     doc.update({"files": files, "scalars": {}, "compact": True})
     (out / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return out
@@ -147,6 +151,7 @@ def export_weights(state_dir: str | Path, out_dir: str | Path) -> Path:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m training.checkpoint STATE_DIR OUT_DIR   (weights only, <= 16 MiB shards)")
-    print(export_weights(sys.argv[1], sys.argv[2]))
+    args = [a for a in sys.argv[1:] if a != "--fp16"]
+    if len(args) != 2:
+        sys.exit("usage: python -m training.checkpoint STATE_DIR OUT_DIR [--fp16]   (weights only, <= 16 MiB shards)")
+    print(export_weights(args[0], args[1], torch.float16 if "--fp16" in sys.argv else None))

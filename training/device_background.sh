@@ -4,7 +4,8 @@
 # graphs are captured once and the data is packed once. The machine is given back 30 s after a call
 # ends (or after 30 minutes held): chain the calls, and give the trainer a --stop-after that ends it
 # before the last call does.
-#   first call:  RUN=name bash training/device_background.sh start [trainer options]   (carry [".carry"])
+#   first call:  RUN=name bash training/device_background.sh start [trainer options]
+#                (carry [".carry"], plus ".train_carry" holding train_carry/RUN/state to resume)
 #   later calls: RUN=name bash training/device_background.sh wait
 # Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back the
 # log, the trainer's output and, once it has finished, its weights (fp32, <= 16 MiB shards) in $OUT.
@@ -16,6 +17,10 @@ case "${1:-}" in
   start)
     shift
     mkdir -p /tmp/data "$dir" && tar -xzf .carry/crohme.tar.gz -C /tmp/data
+    if [ -f ".train_carry/$RUN/state/state.json" ] && [ ! -f "$dir/state/state.json" ]; then
+      cp -r ".train_carry/$RUN/state" "$dir/"          # resume a carried run (e.g. fp16 weights-only)
+      [ -f ".train_carry/$RUN/log.jsonl" ] && cp ".train_carry/$RUN/log.jsonl" "$dir/"
+    fi
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     # bash writes its own pid and execs the trainer, so the pid file names the trainer itself; the
     # options pass through as arguments ("$@"), never re-parsed by a shell.
