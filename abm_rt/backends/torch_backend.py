@@ -26,6 +26,9 @@ PADDING_NOTE = ("bucket padding (zeros, bottom/right) is not exact: after the fo
                 "to encoding the Recognizer's canvas as it is")
 
 
+_CAPTURE_LOCK = threading.Lock()   # process-wide: CUDA graph captures never overlap
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -187,8 +190,10 @@ class TorchEncoder(EncoderBackend):
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (another Recognizer, this one's callers copying their next batch
-        # to the GPU) may keep using CUDA while this thread captures on its own side stream.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # to the GPU) may keep using CUDA while this thread captures on its own side stream. One capture
+        # at a time in the process: two encoders capturing at once made the caching allocator fail
+        # ("beginAllocateToPool: already recording to mempool") in the 8-thread test on an H100.
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_out = self.encoder(static_in)
         self.captures += 1
         return _Graph(graph, static_in, static_out)

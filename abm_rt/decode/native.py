@@ -252,8 +252,11 @@ class NativeDecoder:
 
     def initial_state(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h_0 [B, n] from the PyTorch branch (spec 3.2; once per image, not a per-step cost)."""
+        # The PyTorch branch may live on another device than this decoder (a CPU model driving the
+        # CUDA kernels): run it where its weights are, hand the result to this decoder's device.
+        where = next(self.branch.parameters()).device
         with torch.no_grad():
-            return self.branch.initial_state(features, mask).float()
+            return self.branch.initial_state(features.to(where), mask.to(where)).float().to(self.device)
 
     # ---- per step --------------------------------------------------------------------------------
     def _empty(self, *shape: int) -> torch.Tensor:
