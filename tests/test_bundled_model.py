@@ -32,5 +32,7 @@ def test_bundled_engine_recognizes_crohme_2014_slice():
                                [tokens for _, tokens in captions])
     print(f"bundled engine on 2014[:{SLICE}]: {scores}")
     assert scores.failed == 0
-    assert scores.exprate >= 5.0, scores         # at least 2 of 40 exactly right
-    assert scores.wer < 90.0, scores
+    # The abm-warm model reads 15 of these 40 exactly (37.5 %, WER 22.5 on this machine's CPU); the bounds
+    # leave room for other CPUs' rounding and still fail for anything short of a trained model.
+    assert scores.exprate >= 25.0, scores        # at least 10 of 40 exactly right
+    assert scores.wer < 40.0, scores
