@@ -83,3 +83,19 @@ def test_help(cmd):
     out = subprocess.run([sys.executable, "-m", "abm_rt", *cmd, "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 0 and "usage: abm-rt" in out.stdout and len(out.stdout) > 200
+
+
+def test_encoder_backend_option(engine_dir, tmp_path, capsys):
+    """--encoder-backend picks the backend by name (recorded in the report); onnxruntime on an engine without
+    encoder.onnx is a clear error naming `abm-rt convert`, not a traceback."""
+    report = tmp_path / "r.json"
+    data = tmp_path / "set"
+    data.mkdir()
+    line = (EXAMPLES / "labels.txt").read_text().splitlines()[0]
+    (data / f"{line.split(chr(9))[0]}.png").write_bytes((EXAMPLES / f"{line.split(chr(9))[0]}.png").read_bytes())
+    (data / "caption.txt").write_text(line + "\n")
+    assert main(["eval", str(data), "--json", str(report), "--engine", str(engine_dir), "--encoder-backend",
+                 "pytorch", *FAST]) == 0
+    assert json.loads(report.read_text())["recognizer"]["encoder_backend"] == "pytorch"
+    code = main(["recognize", str(data), "--engine", str(engine_dir), "--encoder-backend", "onnxruntime", *FAST])
+    assert code != 0 and "convert" in capsys.readouterr().err

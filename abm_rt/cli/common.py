@@ -17,6 +17,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "returned marked truncated (default 256)")
     p.add_argument("--decoder", choices=("auto", "native", "pytorch"), default="auto",
                    help="beam search implementation: native (abm_rt._C kernels), pytorch, or auto (default)")
+    p.add_argument("--encoder-backend", choices=("auto", "tensorrt", "pytorch", "onnxruntime"), default="auto",
+                   help="encoder backend; auto (default) picks TensorRT > PyTorch CUDA > ONNX Runtime CPU > "
+                        "PyTorch CPU by what is installed and what the engine holds (`abm-rt info` says why)")
     g = p.add_argument_group("image input (the model expects white ink on black, about 94 px high)")
     g.add_argument("--invert", choices=("auto", "always", "never"), default="auto",
                    help="auto: invert images with a bright background, e.g. dark ink on paper (default)")
@@ -34,4 +37,5 @@ def make_recognizer(args: argparse.Namespace):
     opts = ImageOptions(invert=args.invert, binarize=args.binarize, target_height=args.height,
                         max_pixels=args.max_pixels)
     return Recognizer(args.engine, device=args.device, beam_size=args.beam, max_batch_size=args.batch_size,
-                      max_len=args.max_len, image_options=opts, decoder=args.decoder)
+                      max_len=args.max_len, image_options=opts, decoder=args.decoder,
+                      encoder_backend=args.encoder_backend)
