@@ -15,6 +15,7 @@ cache, and dropout from the graph-safe default generator (each replay draws new 
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -24,8 +25,8 @@ from .packed import PackedBatch
 LossFn = Callable[[PackedBatch, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _batch_fields(b: PackedBatch) -> list[str]:
-    return ["images", "heights", "widths", "lengths", "l2r_in", "l2r_tgt", "r2l_in", "r2l_tgt"]
+# The tensors of a PackedBatch that a graph reads (its names and tokens stay on the host).
+BATCH_TENSORS = ("images", "heights", "widths", "lengths", "l2r_in", "l2r_tgt", "r2l_in", "r2l_tgt")
 
 
 def shape_key(b: PackedBatch) -> tuple[int, ...]:
@@ -76,13 +77,12 @@ class GraphedTrainStep:
         entry = self.graphs.get(key)
         if entry is not None:
             graph, static = entry
-            for name in _batch_fields(b):
+            for name in BATCH_TENSORS:
                 getattr(static, name).copy_(getattr(b, name))
             graph.replay()
             return True
-        import time
         t0 = time.time()
-        static = PackedBatch(**{name: getattr(b, name).clone() for name in _batch_fields(b)},
+        static = PackedBatch(**{name: getattr(b, name).clone() for name in BATCH_TENSORS},
                              names=[], tokens=[])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
