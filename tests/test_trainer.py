@@ -206,7 +206,7 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
     else:
         opt = torch.optim.Adadelta(model.parameters(), lr=lr, foreach=True, capturable=True)
-    step = GraphedTrainStep(model, opt, lambda b, cache: batch_loss(model, b, cfg, "cuda", cache), 100.0, lr)
+    step = GraphedTrainStep(model, opt, lambda b, cache: batch_loss(model, b, cfg, "cuda", cache), 100.0)
     assert step.step(pair[0]) is False                 # warm-up (a real step) and capture
     snapshot = ({k: v.clone() for k, v in model.state_dict().items()},
                 {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()})

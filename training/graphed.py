@@ -29,6 +29,18 @@ LossFn = Callable[[PackedBatch, bool], tuple[torch.Tensor, torch.Tensor]]
 BATCH_TENSORS = ("images", "heights", "widths", "lengths", "l2r_in", "l2r_tgt", "r2l_in", "r2l_tgt")
 
 
+def optimizer_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                   b: PackedBatch, clip: float, sums: torch.Tensor, autocast_cache: bool = True) -> None:
+    """One training step, eager or under capture: zero the gradients in place, loss, backward, clip the
+    global norm, optimizer step, and add the detached loss parts to ``sums`` (no host synchronisation)."""
+    optimizer.zero_grad(set_to_none=False)
+    loss, parts = loss_fn(b, autocast_cache)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    optimizer.step()
+    sums += parts
+
+
 def shape_key(b: PackedBatch) -> tuple[int, ...]:
     """The shape a graph is specialised to: (B, H, W, T)."""
     B, _, H, W = b.images.shape
@@ -40,35 +52,27 @@ class GraphedTrainStep:
 
     The first batch of each shape runs eagerly (a real training step, on a side stream as capture
     requires for warm-up) and is then captured; later batches of that shape are copied into the
-    graph's static input tensors and replayed. ``lr`` is the optimizer's learning-rate tensor: set
-    it with ``set_lr`` before each step. ``sums`` accumulates the detached loss parts on the device.
+    graph's static input tensors and replayed. The optimizer must be capturable with a tensor lr, which
+    the caller fills in place before each step. ``sums`` accumulates the detached loss parts on the device.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                 clip: float, lr: torch.Tensor):
-        if lr.device.type != "cuda":
-            raise ValueError("CUDA graph training needs the model, optimizer and lr tensor on a CUDA device")
-        self.model, self.opt, self.loss_fn, self.clip, self.lr = model, optimizer, loss_fn, clip, lr
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, clip: float):
         self.params = [p for p in model.parameters() if p.requires_grad]
+        device = self.params[0].device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graph training needs the model on a CUDA device, not {device}")
+        self.opt, self.loss_fn, self.clip = optimizer, loss_fn, clip
         for p in self.params:               # gradients live outside every graph, zeroed in place
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.sums = torch.zeros(3, device=lr.device)
+        self.sums = torch.zeros(3, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, PackedBatch]] = {}
         self.capture_seconds = 0.0
 
-    def set_lr(self, value: float) -> None:
-        """The learning rate of the next step (an in-place fill: graphs read the tensor)."""
-        self.lr.fill_(value)
-
     def _body(self, b: PackedBatch) -> None:
-        self.opt.zero_grad(set_to_none=False)
-        loss, parts = self.loss_fn(b, False)          # False: autocast weight cache off (capture)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        self.opt.step()
-        self.sums += parts
+        # autocast's cast-weight cache cannot be captured
+        optimizer_step(self.params, self.opt, self.loss_fn, b, self.clip, self.sums, autocast_cache=False)
 
     def step(self, b: PackedBatch) -> bool:
         """One training step on ``b``. Returns True when it replayed a graph, False when it ran eagerly

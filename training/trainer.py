@@ -28,7 +28,7 @@ from abm_rt.model import ABM, ModelConfig, initialize
 
 from .checkpoint import has_state, load_state, save_state
 from .losses import distillation_kl, sequence_ce
-from .graphed import GraphedTrainStep
+from .graphed import GraphedTrainStep, optimizer_step
 from .packed import PackedBatch, pack_fixed_shapes, pack_split
 
 
@@ -174,8 +174,7 @@ class Trainer:
             self._warm_start(cfg.init_from)
         self.graphed: GraphedTrainStep | None = None
         if self.graphed_wanted:
-            self.graphed = GraphedTrainStep(self.model, self.opt, lambda b, cache: self._loss(b, cache),
-                                            cfg.clip, self.opt.param_groups[0]["lr"])
+            self.graphed = GraphedTrainStep(self.model, self.opt, self._loss, cfg.clip)
 
     def _warm_start(self, source: str) -> None:
         """Encoder and L2R weights (and BN statistics) from an engine directory."""
@@ -213,12 +212,7 @@ class Trainer:
         return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache, self.kl_scale)
 
     def _eager_step(self, b: PackedBatch, sums: torch.Tensor) -> None:
-        loss, parts = self._loss(b)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        self.opt.step()
-        sums += parts
+        optimizer_step(list(self.model.parameters()), self.opt, self._loss, b, self.cfg.clip, sums)
 
     def _graphed_step(self, b: PackedBatch, sums: torch.Tensor) -> None:
         """A step from a CUDA graph; if capturing fails, say why and train eagerly from here on."""

@@ -270,9 +270,9 @@ class DecoderBranch(nn.Module):
         else:
             cache = self.prepare(features, mask)
         h = self.initial_state(features, cache.mask)
-        # index_select, not nn.Embedding's forward: the same lookup, but its backward (index_add) never
-        # synchronises with the host, which CUDA-graph capture of the training step requires (the
-        # embedding backward sorts the indices and reads a count back once B*T > 3072).
+        # index_select, not nn.Embedding's forward: the same lookup, but its backward is an index_add with
+        # no host synchronisation, which CUDA-graph capture of the training step requires; nn.Embedding's
+        # CUDA backward sorts the indices, and we do not rely on that path being capturable.
         emb = self.embedding.weight.index_select(0, inputs.reshape(-1)).view(*inputs.shape, -1)   # [B, T, m]
         gy_all = self.W_y(emb)                             # [B, T, 3n]
         coverage = features.new_zeros(mask.shape, dtype=cache.ua_f.dtype)
