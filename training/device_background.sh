@@ -7,8 +7,11 @@
 #   first call:  RUN=name bash training/device_background.sh start [trainer options]
 #                (carry [".carry"], plus ".train_carry" holding train_carry/RUN/state to resume)
 #   later calls: RUN=name bash training/device_background.sh wait
-# Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back the
-# log, the trainer's output and, once it has finished, its weights (fp32, <= 16 MiB shards) in $OUT.
+# Several runs at once on a machine of several GPUs: GPU=k pins a run to GPU k; start them one after the
+# other in one call and wait for them in parallel (RUN=a bash ... wait & RUN=b bash ... wait; wait).
+# Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back, per run:
+# $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
+# so far; with RETURN=weights also the latest weights, fp32, to resume elsewhere).
 set -uo pipefail
 RUN=${RUN:-abm}
 WAIT=${WAIT:-560}
@@ -24,6 +27,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     # bash writes its own pid and execs the trainer, so the pid file names the trainer itself; the
     # options pass through as arguments ("$@"), never re-parsed by a shell.
+    [ -n "${GPU:-}" ] && export CUDA_VISIBLE_DEVICES=$GPU
     setsid nohup bash -c 'echo $$ > "$0/pid"; exec env PYTHONUNBUFFERED=1 python3 -m training \
       --data /tmp/data/crohme --out "$0" --export-weights "$0/weights" "$@"' "$dir" "$@" \
       > "$dir/train.out" 2>&1 < /dev/null &
@@ -37,12 +41,16 @@ pid=$(cat "$dir/pid")
 end=$((SECONDS + WAIT))
 while [ $SECONDS -lt $end ] && kill -0 "$pid" 2>/dev/null; do sleep 5; done
 if kill -0 "$pid" 2>/dev/null; then echo "trainer $pid still running"; else echo "trainer $pid has finished"; fi
-tail -n 40 "$dir/train.out"
-cp "$dir/train.out" "$OUT/" 2>/dev/null
-cp "$dir/log.jsonl" "$OUT/" 2>/dev/null
-if [ -d "$dir/weights" ]; then
-  cp -r "$dir/weights" "$OUT/state"
-elif [ -f "$dir/state/state.json" ]; then      # still running: the last saved epoch's weights
-  python3 -m training.checkpoint "$dir/state" "$OUT/state" > /dev/null
+tail -n "${TAIL:-40}" "$dir/train.out"
+cp "$dir/log.jsonl" "$OUT/$RUN.log.jsonl" 2>/dev/null
+parts=(train.out)
+[ -d "$dir/best_engine" ] && parts+=(best_engine)
+if [ "${RETURN:-engine}" = weights ]; then
+  if [ -d "$dir/weights" ]; then
+    parts+=(weights)
+  elif [ -f "$dir/state/state.json" ]; then    # still running: the last saved epoch's weights
+    python3 -m training.checkpoint "$dir/state" "$dir/weights_latest" > /dev/null && parts+=(weights_latest)
+  fi
 fi
+tar -C "$dir" -cf - "${parts[@]}" | split -b 15M - "$OUT/$RUN.tar.part-"
 exit 0

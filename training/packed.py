@@ -11,6 +11,7 @@ from abm_rt.data.buckets import size_batches
 from abm_rt.data.crohme import Sample
 from abm_rt.data.vocab import Vocab
 
+from .augment import pixel_mask
 from .losses import teacher_tensors
 
 
@@ -32,9 +33,7 @@ class PackedBatch:
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images as float in [0, 1], pixel mask [B, H, W]) computed on the device."""
         _, _, H, W = self.images.shape
-        rows = torch.arange(H, device=self.images.device)[None, :] < self.heights[:, None]
-        cols = torch.arange(W, device=self.images.device)[None, :] < self.widths[:, None]
-        return self.images.float().div_(255.0), rows[:, :, None] & cols[:, None, :]
+        return self.images.float().div_(255.0), pixel_mask(self.heights, self.widths, H, W)
 
 
 def _upload(group: list[Sample], vocab: Vocab, device: torch.device, H: int, W: int,

@@ -26,6 +26,7 @@ from abm_rt.engine_dir import save_engine
 from abm_rt.metrics import score_predictions
 from abm_rt.model import ABM, ModelConfig, initialize
 
+from .augment import random_rescale
 from .checkpoint import has_state, load_state, save_state
 from .losses import distillation_kl, sequence_ce
 from .graphed import GraphedTrainStep, optimizer_step
@@ -79,6 +80,8 @@ class TrainConfig:
     save_every: int = 1                 # epochs between saved states (a pause or the end always saves)
     log_attention_sharpness: bool = True  # after each validation: mean max attention weight over valid steps
                                         # of the first val batch (val_att_max) and the uniform 1/cells baseline
+    scale_min: float = 1.0              # scale augmentation (training/augment.py): each training image rescaled
+    scale_max: float = 1.0              # by a log-uniform factor in [scale_min, scale_max] per step; 1, 1 = off
     model: dict = field(default_factory=dict)   # ModelConfig overrides (tests use small models)
 
 
@@ -98,7 +101,10 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
 
     ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured).
     ``kl_weight`` overrides ``cfg.kl_weight``; a tensor lets a captured graph follow a schedule."""
-    x, pmask = b.inputs()
+    if model.training and (cfg.scale_min, cfg.scale_max) != (1.0, 1.0):
+        x, pmask = random_rescale(b.images.float().div_(255.0), b.heights, b.widths, cfg.scale_min, cfg.scale_max)
+    else:
+        x, pmask = b.inputs()
     amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16",
                          cache_enabled=autocast_cache)
     opts = {"attention_fp32": cfg.attention_fp32, "compile_step": cfg.compile_step}
