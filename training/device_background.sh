@@ -11,7 +11,7 @@
 # other in one call and wait for them in parallel (RUN=a bash ... wait & RUN=b bash ... wait; wait).
 # Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back, per run:
 # $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
-# so far; with RETURN=weights also the latest weights, fp32, to resume elsewhere).
+# so far; with RETURN=weights also the latest weights in fp16, to resume elsewhere).
 set -uo pipefail
 RUN=${RUN:-abm}
 WAIT=${WAIT:-560}
@@ -45,12 +45,11 @@ tail -n "${TAIL:-40}" "$dir/train.out"
 cp "$dir/log.jsonl" "$OUT/$RUN.log.jsonl" 2>/dev/null
 parts=(train.out)
 [ -d "$dir/best_engine" ] && parts+=(best_engine)
-if [ "${RETURN:-engine}" = weights ]; then
-  if [ -d "$dir/weights" ]; then
-    parts+=(weights)
-  elif [ -f "$dir/state/state.json" ]; then    # still running: the last saved epoch's weights
-    python3 -m training.checkpoint "$dir/state" "$dir/weights_latest" > /dev/null && parts+=(weights_latest)
-  fi
+if [ "${RETURN:-engine}" = weights ]; then       # fp16 (17 MB) so that it fits the next call's carry
+  src="$dir/weights"; [ -d "$src" ] || src="$dir/state"    # finished, or the last saved epoch
+  rm -rf "$dir/weights_fp16"
+  [ -f "$src/state.json" ] && python3 -m training.checkpoint "$src" "$dir/weights_fp16" --fp16 > /dev/null \
+    && parts+=(weights_fp16)
 fi
 tar -C "$dir" -cf - "${parts[@]}" | split -b 15M - "$OUT/$RUN.tar.part-"
 exit 0
