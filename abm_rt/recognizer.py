@@ -83,6 +83,11 @@ class Recognizer:
         decoder: "auto", "native" (abm_rt._C: C++ or CUDA kernels) or "pytorch" (see ``choose_decoder``).
         decoder_precision: the native decoder's weights: "fp32", "fp16" (FP16 weights and features) or
             "int8" (INT8 weights with per-channel scales, FP16 features); accumulation is always FP32.
+        compact: native search: finished images leave the working batch (same results, less work when a
+            batch's expressions differ in length; see ``native_search._eager_search``).
+        decoder_graphs: native search on CUDA: replay the decode steps from CUDA graphs
+            (``native_beam_search(cuda_graph=True)``). Experimental: checked on CPU only so far (its GPU test
+            has not run yet); off by default. Attention maps are then computed by the eager loop.
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
     """
@@ -90,7 +95,7 @@ class Recognizer:
     def __init__(self, engine: str | Path | Engine | None = None, device: str = "auto", beam_size: int = 10,
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
                  image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto",
-                 decoder_precision: str = "fp32"):
+                 decoder_precision: str = "fp32", compact: bool = True, decoder_graphs: bool = False):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
@@ -119,6 +124,8 @@ class Recognizer:
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_len = max_len
+        self.compact = compact
+        self.decoder_graphs = decoder_graphs and self._native is not None and self.device.type == "cuda"
         self.image_options = image_options or ImageOptions()
         self._lock = threading.Lock()
 
@@ -139,6 +146,8 @@ class Recognizer:
             "decoder_precision": self.decoder_precision,
             "beam_size": self.beam_size,
             "max_len": self.max_len,
+            "compact": self.compact if self._native is not None else None,
+            "decoder_graphs": self.decoder_graphs,
         }
 
     def predict(self, images: Any, return_attention: bool = False, progress: bool = False) -> list[Result]:
@@ -199,7 +208,9 @@ class Recognizer:
         if self._native is not None:
             from .decode.native_search import native_beam_search
             return native_beam_search(self._native, features, mask, self.beam_size, max_len=self.max_len,
-                                      return_attention=return_attention, check_every=check_every)
+                                      return_attention=return_attention, check_every=check_every,
+                                      compact=self.compact,
+                                      cuda_graph=self.decoder_graphs and not return_attention)
         return beam_search(self.model.l2r, features, mask, self.beam_size, max_len=self.max_len,
                            return_attention=return_attention, check_every=check_every)
 

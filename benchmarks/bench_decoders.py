@@ -3,7 +3,7 @@ native one (abm_rt._C) in FP32 / FP16 / INT8, at batch 1 and a large batch, beam
 
 For each configuration: images/s and ms per image of Recognizer.predict (encoder included, same
 encoder for all), ExpRate / <=1 / <=2 on the labelled set, and the share of images whose tokens equal
-the PyTorch FP32 decoder's. Writes benchmarks/results/decoders_<device>_<date>.json.
+the PyTorch FP32 decoder's (and the first configuration's, at the same batch size). Writes benchmarks/results/decoders_<device>_<date>.json.
 
     python3 benchmarks/bench_decoders.py --data /tmp/data/crohme/2014 --device cuda
 """
@@ -31,12 +31,17 @@ CONFIGS = [("pytorch", "fp32"), ("native", "fp32"), ("native", "fp16"), ("native
 
 
 def run_config(decoder: str, precision: str, paths: list[str], batch: int, device: str, beam: int,
-               encoder_precision: str = "fp32"):
+               encoder_precision: str = "fp32", flags: tuple[str, ...] = ()):
     """(seconds, results) of one predict over ``paths`` after a warm-up on the first few.
 
-    ``encoder_precision="fp16"`` swaps in the PyTorch CUDA encoder in FP16 (issue 5's parity row)."""
+    ``encoder_precision="fp16"`` swaps in the PyTorch CUDA encoder in FP16 (issue 5's parity row).
+    ``flags``: "graph" (native search from CUDA graphs), "nocompact" (finished images stay in the batch)."""
+    unknown = set(flags) - {"graph", "nocompact"}
+    if unknown:
+        raise ValueError(f"unknown flags {sorted(unknown)}")
     rec = Recognizer(device=device, beam_size=beam, max_batch_size=batch, decoder=decoder,
-                     decoder_precision=precision, max_batch_pixels=64_000_000)
+                     decoder_precision=precision, max_batch_pixels=64_000_000,
+                     compact="nocompact" not in flags, decoder_graphs="graph" in flags)
     if encoder_precision != "fp32":
         from abm_rt.backends.torch_backend import TorchEncoder
         rec.encoder = TorchEncoder(rec.model, rec.device, precision=encoder_precision, cuda_graphs=False,
@@ -61,25 +66,27 @@ def main() -> int:
     ap.add_argument("--limit-batch1", type=int, default=200, help="images timed at batch 1 (it is slow)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images at every batch size")
     ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS),
-                    help="comma separated DECODER:PRECISION[:ENCODER_PRECISION] (encoder fp32 unless given)")
+                    help="comma separated DECODER:PRECISION[:ENCODER_PRECISION[:FLAG+FLAG]] (encoder fp32 unless "
+                         "given; flags: graph, nocompact)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data = Path(args.data)
     captions = read_captions(data / "caption.txt")[: args.limit]
-    rows, base_tokens = [], {}
+    rows, base_tokens, first_tokens = [], {}, {}
     for batch in [int(b) for b in args.batches.split(",")]:
         caps = captions[: args.limit_batch1] if batch == 1 else captions
         paths = [str(data / f"{n}.png") for n, _ in caps]
         refs = [t for _, t in caps]
         for spec in args.configs.split(","):
-            decoder, precision, *enc = spec.split(":")
-            enc_precision = enc[0] if enc else "fp32"
+            decoder, precision, *rest = spec.split(":")
+            enc_precision = rest[0] if rest else "fp32"
+            flags = tuple(rest[1].split("+")) if len(rest) > 1 else ()
             try:
                 secs, results, info = run_config(decoder, precision, paths, batch, args.device, args.beam,
-                                                 enc_precision)
+                                                 enc_precision, flags)
             except Exception as e:  # noqa: BLE001 - record and go on to the next configuration
                 rows.append({"decoder": decoder, "precision": precision, "encoder_precision": enc_precision,
-                             "batch": batch, "error": f"{type(e).__name__}: {e}"})
+                             "flags": list(flags), "batch": batch, "error": f"{type(e).__name__}: {e}"})
                 print(rows[-1], flush=True)
                 continue
             toks = [r.tokens for r in results]
@@ -87,21 +94,24 @@ def main() -> int:
             if decoder == "pytorch" and precision == "fp32" and enc_precision == "fp32":
                 base_tokens[key] = toks
             same = base_tokens.get(key)
+            first = first_tokens.setdefault(key, toks)
             scores = score_predictions([r.tokens if r.ok and not r.truncated else None for r in results], refs)
             rows.append({"decoder": decoder, "precision": precision, "encoder_precision": enc_precision,
-                         "batch": batch, "images": len(paths),
+                         "flags": list(flags), "batch": batch, "images": len(paths),
                          "seconds": round(secs, 3), "images_per_s": round(len(paths) / secs, 2),
                          "ms_per_image": round(1000 * secs / len(paths), 3),
                          "exprate": round(scores.exprate, 2), "le1": round(scores.le1, 2), "le2": round(scores.le2, 2),
                          "same_tokens_as_pytorch_fp32": (round(100 * sum(a == b for a, b in zip(toks, same)) / len(toks), 2)
                                                          if same else None),
+                         "same_tokens_as_first_config": round(100 * sum(a == b for a, b in zip(toks, first)) / len(toks), 2),
                          "failed": scores.failed, "decoder_info": info["decoder"]})
             print(json.dumps(rows[-1]), flush=True)
     now = dt.datetime.now(dt.timezone.utc)
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     commit = os.environ.get("ABM_RT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip() or None
-    best = {f"{r['decoder']} {r['precision']} enc-{r['encoder_precision']} b{r['batch']} ms/img": r["ms_per_image"]
+    best = {f"{r['decoder']} {r['precision']} enc-{r['encoder_precision']}{''.join(' ' + f for f in r['flags'])} "
+            f"b{r['batch']} ms/img": r["ms_per_image"]
             for r in rows if "ms_per_image" in r}
     doc = {"benchmark": "decoders", "date": now.isoformat(timespec="seconds"), "device": dev_name, "commit": commit,
            "command": " ".join(["python3", *sys.argv]), "beam": args.beam, "dataset": data.name, "rows": rows,

@@ -186,7 +186,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("k", &BeamState::k)
       .def_readwrite("V", &BeamState::V)
       .def_readwrite("eos", &BeamState::eos)
-      .def_readwrite("step", &BeamState::step);
+      .def_readwrite("step", &BeamState::step, "t when step_ptr is 0")
+      .def_readwrite("max_steps", &BeamState::max_steps, "with step_ptr: rows of the words/parents/sources histories");
   ptr_field(bs, "log_probs", &BeamState::log_probs, "in [B*k, V]");
   ptr_field(bs, "score", &BeamState::score, "in/out [B, k] float32");
   ptr_field(bs, "dead", &BeamState::dead, "in/out [B] int32");
@@ -199,7 +200,11 @@ PYBIND11_MODULE(_C, m) {
   ptr_field(bs, "sources", &BeamState::sources, "out [B, k] int32");
   ptr_field(bs, "parent_rows", &BeamState::parent_rows, "out [B*k] int32");
   ptr_field(bs, "prev_token", &BeamState::prev_token, "out [B*k] int32");
-  ptr_field(bs, "all_done", &BeamState::all_done, "out [1] int32 (may be 0: not computed)");
+  ptr_field(bs, "all_done", &BeamState::all_done, "out [1] int32 (may be 0: not computed, unless step_ptr is set)");
+  ptr_field(bs, "step_ptr", &BeamState::step_ptr,
+            "in/out [1] int32 step counter or 0; when set, t = *step_ptr, words/parents/sources are the bases of\n"
+            "[max_steps, B, k] histories (row t is written), t outside [0, max_steps) changes nothing but all_done,\n"
+            "and every call adds 1 to it (see beam_select.h)");
 
   m.def(
       "beam_select",
@@ -207,7 +212,10 @@ PYBIND11_MODULE(_C, m) {
         const Device dev = parse_device(device);
         ABM_CHECK(s.log_probs && s.score && s.dead && s.done && s.fin_score && s.fin_step && s.fin_cand && s.words &&
                       s.parents && s.sources && s.parent_rows && s.prev_token,
-                  "every BeamState pointer except all_done must be set");
+                  "every BeamState pointer except all_done and step_ptr must be set");
+        ABM_CHECK(!s.step_ptr || (s.all_done && s.max_steps >= 0),
+                  "with step_ptr set, all_done must be set too (the call advances the step counter after computing "
+                  "it) and max_steps must be >= 0, got max_steps=" << s.max_steps);
         py::gil_scoped_release nogil;
         if (dev == Device::CPU) beam_select_cpu(s);
         else beam_select_cuda(s, to_stream(stream));

@@ -129,7 +129,13 @@ class NativeFeatures:
 
     @property
     def B(self) -> int:
+        """Number of images."""
         return self.feats.shape[0]
+
+    def subset(self, images: torch.Tensor) -> NativeFeatures:
+        """The tensors of ``images`` alone (int64 indices on the feature device), in that order."""
+        return NativeFeatures(self.feats.index_select(0, images), self.uaf.index_select(0, images),
+                              self.hv.index_select(0, images), self.wv.index_select(0, images), self.H, self.W)
 
 
 @dataclass
@@ -305,9 +311,22 @@ class NativeDecoder:
         """One beam-search bookkeeping step on this decoder's device (see csrc/decode/beam_select.h)."""
         self._call(self._C.beam_select, state)
 
-    def gather_rows(self, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A new float32 tensor whose row r is ``src[rows[r]]`` (rows: int32 on this device)."""
-        out = torch.empty_like(src)
+    def gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row r of the result is ``src[rows[r]]`` (float32 rows; rows: int32 on this device).
+
+        Args:
+            out: where to write (same shape and dtype as ``src``, contiguous, not overlapping ``src``),
+                e.g. a static buffer of a CUDA graph; None allocates a new tensor.
+        Returns:
+            ``out``, or the new tensor.
+        """
+        if out is None:
+            out = torch.empty_like(src)
+        elif out.shape != src.shape or out.dtype != src.dtype or out.device != src.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {src.dtype} tensor of shape {tuple(src.shape)} on "
+                             f"{src.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        elif _overlap(out, src):
+            raise ValueError("gather_rows: out must not alias src (rows are read while others are written)")
         self._call(self._C.gather_rows, src.data_ptr(), rows.data_ptr(), out.data_ptr(), rows.numel(),
                    src[0].numel())
         return out
@@ -378,3 +397,9 @@ def _prod(shape) -> int:
     for s in shape:
         p *= s
     return p
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors overlap (contiguous tensors: exact)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()

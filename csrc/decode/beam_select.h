@@ -5,6 +5,15 @@
 // finished list, the others fill the live slots in rank order. Everything stays on the device:
 // per-step history (word, parent, source) is written for the final back-tracking, and parent_rows
 // tells the caller which old row each new row continues (to reorder hidden state and coverage).
+//
+// Step counter in memory (for CUDA graphs, where one captured launch sequence is replayed step after
+// step and so cannot carry t or per-step pointers as arguments): when step_ptr is set, t is read from
+// *step_ptr (host memory for the CPU twin, device memory for CUDA) instead of `step`, and words,
+// parents and sources are the BASES of whole [max_steps, B, k] histories, of which the call writes
+// row t. A call with t outside [0, max_steps) changes nothing (state, history, fin_*, parent_rows,
+// prev_token) but still computes all_done. Every call then adds 1 to *step_ptr, once every image has
+// read t (on CUDA in the all_done kernel, so all_done must be set whenever step_ptr is). With
+// step_ptr null, `step` is t and words/parents/sources point at this step's [B, k] row.
 #pragma once
 #include <cstdint>
 
@@ -15,7 +24,7 @@ namespace abm {
 struct BeamState {
   int B = 0, k = 0, V = 0;
   int eos = 1;
-  int step = 0;                  // t, recorded in fin_step
+  int step = 0;                  // t, recorded in fin_step (unless step_ptr is set)
   const float* log_probs = nullptr;  // [B * k, V]
   float* score = nullptr;        // [B, k] raw -log p sums of live slots, +inf for empty slots (in/out)
   int32_t* dead = nullptr;       // [B] finished count (in/out)
@@ -29,6 +38,8 @@ struct BeamState {
   int32_t* parent_rows = nullptr;  // [B * k] old row continued by each new row (out)
   int32_t* prev_token = nullptr;   // [B * k] next input token of each new row (out)
   int32_t* all_done = nullptr;     // [1] set to 1 when every image is done, 0 otherwise (out)
+  int32_t* step_ptr = nullptr;     // [1] t, advanced by 1 per call (in/out; null: use `step`, see above)
+  int max_steps = 0;               // with step_ptr: rows of the words/parents/sources histories
 };
 
 void beam_select_cpu(const BeamState& s);

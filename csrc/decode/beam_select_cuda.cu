@@ -1,7 +1,8 @@
 // CUDA twin of beam_select.h: one block per image finds the k best candidates by k rounds of a
 // block-wide arg-min (ties to the lower index, as the CPU twin), then one thread does the
 // bookkeeping shared with the CPU (beam_select_impl.h). A second tiny kernel folds the per-image
-// done flags into all_done, which the host reads every few steps (no sync per step).
+// done flags into all_done, which the host reads every few steps (no sync per step), and advances the
+// step counter when there is one (BeamState::step_ptr): it runs after every block has read t.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -26,6 +27,12 @@ __global__ void beam_select_kernel(BeamState s) {
   __shared__ int32_t top_idx[64];
   __shared__ float red_v[kThreads / 32];
   __shared__ int red_i[kThreads / 32];
+  __shared__ int step_t;
+  // t once per block, before any work, so that an inactive step (t >= max_steps) costs no top-k.
+  if (threadIdx.x == 0) step_t = beam_step(s);
+  __syncthreads();
+  const int t = step_t;
+  if (!beam_step_active(s, t)) return;   // block-uniform: no thread is left at a barrier
   const int b = blockIdx.x, k = s.k, V = s.V, C = k * V;
   const float* lp = s.log_probs + (size_t)b * k * V;
   const float* sc = s.score + (size_t)b * k;
@@ -54,17 +61,20 @@ __global__ void beam_select_kernel(BeamState s) {
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) beam_bookkeeping(s, b, top_cost, top_idx);
+  if (threadIdx.x == 0) beam_bookkeeping(at_step(s, t), b, top_cost, top_idx);
 }
 
-__global__ void all_done_kernel(const uint8_t* done, int B, int32_t* all_done) {
+__global__ void all_done_kernel(const uint8_t* done, int B, int32_t* all_done, int32_t* step_ptr) {
   __shared__ int any_open;
   if (threadIdx.x == 0) any_open = 0;
   __syncthreads();
   for (int b = threadIdx.x; b < B; b += blockDim.x)
     if (!done[b]) any_open = 1;
   __syncthreads();
-  if (threadIdx.x == 0) *all_done = any_open ? 0 : 1;
+  if (threadIdx.x == 0) {
+    *all_done = any_open ? 0 : 1;
+    if (step_ptr) ++*step_ptr;         // stream order: every beam_select block has read t by now
+  }
 }
 
 __global__ void gather_rows_kernel(const float* __restrict__ src, const int32_t* __restrict__ rows,
@@ -79,11 +89,14 @@ __global__ void gather_rows_kernel(const float* __restrict__ src, const int32_t*
 
 void beam_select_cuda(const BeamState& s, cudaStream_t stream) {
   ABM_CHECK(s.k >= 1 && s.k <= 64, "beam size must be in 1..64, got " << s.k);
-  if (s.B == 0) return;
-  beam_select_kernel<<<s.B, kThreads, 0, stream>>>(s);
-  ABM_CUDA_CHECK(cudaGetLastError());
+  ABM_CHECK(!s.step_ptr || s.all_done, "BeamState.step_ptr needs all_done: the all_done kernel advances the step");
+  if (s.B == 0 && !s.step_ptr) return;   // nothing to do (with step_ptr the step still advances)
+  if (s.B > 0) {
+    beam_select_kernel<<<s.B, kThreads, 0, stream>>>(s);
+    ABM_CUDA_CHECK(cudaGetLastError());
+  }
   if (s.all_done) {
-    all_done_kernel<<<1, 256, 0, stream>>>(s.done, s.B, s.all_done);
+    all_done_kernel<<<1, 256, 0, stream>>>(s.done, s.B, s.all_done, s.step_ptr);
     ABM_CUDA_CHECK(cudaGetLastError());
   }
 }

@@ -15,6 +15,27 @@
 
 namespace abm {
 
+// The step index t of a beam_select call (see BeamState::step_ptr).
+ABM_HD inline int beam_step(const BeamState& s) { return s.step_ptr ? *s.step_ptr : s.step; }
+
+// Whether a call at step t updates anything: with step_ptr, only t in [0, max_steps) does.
+ABM_HD inline bool beam_step_active(const BeamState& s, int t) {
+  return s.step_ptr == nullptr || (t >= 0 && t < s.max_steps);
+}
+
+// s as beam_bookkeeping sees step t: step = t and, with step_ptr, the history pointers at row t.
+// Only for an active t (a row outside the histories is never addressed).
+ABM_HD inline BeamState at_step(BeamState s, int t) {
+  s.step = t;
+  if (s.step_ptr) {
+    const size_t row = (size_t)t * s.B * s.k;
+    s.words += row;
+    s.parents += row;
+    s.sources += row;
+  }
+  return s;
+}
+
 // top_cost/top_idx: the k best candidates of image b (ascending cost; index = slot * V + word).
 ABM_HD inline void beam_bookkeeping(const BeamState& s, int b, const float* top_cost, const int32_t* top_idx) {
   const int k = s.k;

@@ -12,8 +12,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 
 #include "../common/check.h"
 #include "decode_step.h"
@@ -294,24 +296,50 @@ size_t energy_smem_bytes(int H, int W, int ks) {
   return sizeof(float) * ((size_t)(H + 2 * half) * (W + 2 * half) + (size_t)kChunk * ks * ks);
 }
 
+// The dynamic shared memory one kernel has been allowed so far, per device (the attribute belongs to
+// the kernel's module in each device's context).
+struct SmemLimit {
+  static constexpr int kDevices = 64;
+  std::mutex mu;
+  std::atomic<int> bytes[kDevices]{};
+};
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device. Above the 48 KiB
+// default this needs cudaFuncSetAttribute, a host call that is issued only when the request exceeds
+// what was set before: not once per step, and not while a CUDA graph is captured after a warm-up
+// step. The mutex keeps concurrent callers from lowering a limit another thread has just raised.
+void allow_dynamic_smem(const void* kernel, size_t bytes, SmemLimit& limit) {
+  if (bytes <= 48 * 1024) return;
+  int dev = 0;
+  ABM_CUDA_CHECK(cudaGetDevice(&dev));
+  auto set = [&] {
+    ABM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  };
+  if (dev < 0 || dev >= SmemLimit::kDevices) {   // not tracked: set every time, as before
+    set();
+    return;
+  }
+  std::atomic<int>& allowed = limit.bytes[dev];
+  if (allowed.load(std::memory_order_acquire) >= (int)bytes) return;
+  std::lock_guard<std::mutex> lock(limit.mu);
+  if (allowed.load(std::memory_order_relaxed) >= (int)bytes) return;
+  set();
+  allowed.store((int)bytes, std::memory_order_release);
+}
+
 template <typename FT>
 void launch_attention(const DecoderWeights& w, const StepTensors& t, cudaStream_t s) {
+  static SmemLimit energy_limit, context_limit;   // one pair per instantiation (per kernel)
   const int L = t.H * t.W;
   const size_t smem = energy_smem_bytes(t.H, t.W, w.ksize);
-  if (smem > 48 * 1024) {
-    ABM_CUDA_CHECK(cudaFuncSetAttribute(coverage_energy_kernel<FT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem));
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(coverage_energy_kernel<FT>), smem, energy_limit);
   dim3 grid(blocks_for(L, kPosTile), t.N);
   coverage_energy_kernel<FT><<<grid, kWarps * 32, smem, s>>>(
       static_cast<const FT*>(t.uaf), t.wa, static_cast<const FT*>(w.cov_w), w.cov_b, w.v, t.coverage,
       t.row_image, t.hv, t.wv, t.energy, t.H, t.W, w.d, w.ksize);
   ABM_CUDA_CHECK(cudaGetLastError());
   const size_t smem2 = sizeof(float) * (size_t)((L + 3) & ~3);
-  if (smem2 > 48 * 1024) {
-    ABM_CUDA_CHECK(cudaFuncSetAttribute(softmax_context_kernel<FT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem2));
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(softmax_context_kernel<FT>), smem2, context_limit);
   softmax_context_kernel<FT><<<t.N, 256, smem2, s>>>(t.energy, static_cast<const FT*>(t.feats), t.coverage,
                                                      t.row_image, t.alpha, t.context, t.coverage_out, L, w.D);
   ABM_CUDA_CHECK(cudaGetLastError());
