@@ -170,3 +170,19 @@ def test_native_and_pytorch_decoders_agree(engine_dir):
     for x, y in zip(a.predict(items), b.predict(items)):
         assert x.tokens == y.tokens and x.truncated == y.truncated
         assert x.score == pytest.approx(y.score, abs=1e-5)
+
+
+def test_compaction_switch_keeps_results(engine_dir):
+    """compact=False (finished images stay in the working batch) gives the same results as the default,
+    info() says which ran, and decoder_graphs is off on a CPU device (CUDA graphs need CUDA)."""
+    from abm_rt.decode import native
+    if not native.is_available("cpu"):
+        pytest.skip("abm_rt._C is not built")
+    items = [_strokes(seed=s) for s in range(5)] + [_strokes(60, 120, seed=7), _strokes(94, 300, seed=9)]
+    on = Recognizer(engine_dir, device="cpu", beam_size=3, max_len=12, max_batch_size=8, decoder_graphs=True)
+    off = Recognizer(engine_dir, device="cpu", beam_size=3, max_len=12, max_batch_size=8, compact=False)
+    assert on.info()["compact"] is True and off.info()["compact"] is False
+    assert on.info()["decoder_graphs"] is False
+    for x, y in zip(on.predict(items), off.predict(items)):
+        assert x.tokens == y.tokens and x.truncated == y.truncated
+        assert x.score == pytest.approx(y.score, abs=1e-6)
