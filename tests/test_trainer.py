@@ -146,6 +146,38 @@ def test_warm_start_and_kl_warmup(tmp_path):
                             model={**TINY, "hidden": 48}, init_from=str(tmp_path / "engine")))
 
 
+def test_warm_start_from_a_weights_export_keeps_r2l(tmp_path):
+    """--init-from a trainer state (the weights-only export a device call hands back, fp32 or fp16) warm
+    starts every branch, R2L included; fp16 weights arrive rounded, the rest exactly."""
+    from training.checkpoint import save_state
+    import subprocess
+    import sys
+
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(6, seed=4, max_h=100, max_w=200))
+    _write_split(data / "2014", _samples(2, seed=5, max_h=100, max_w=200))
+    torch.manual_seed(3)
+    source = ABM(ModelConfig(**TINY), bidirectional=True)
+    initialize(source)
+    opt = torch.optim.Adadelta(source.parameters(), lr=1.0)
+    save_state(tmp_path / "w", source, opt, {"epoch": 4, "config": {"model": TINY}}, keep_moments=False)
+    subprocess.run([sys.executable, "-m", "training.checkpoint", str(tmp_path / "w"), str(tmp_path / "w16"),
+                    "--fp16"], check=True, capture_output=True)
+    for src, exact in (("w", True), ("w16", False)):
+        trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / f"run_{src}"), device="cpu", model=TINY,
+                                      init_from=str(tmp_path / src)))
+        assert trainer.meta["init_from"] == str(tmp_path / src) and trainer.meta.get("epoch", 0) == 0
+        got = trainer.model.state_dict()
+        for k, v in source.state_dict().items():
+            if exact or not v.is_floating_point():
+                assert torch.equal(got[k], v), k
+            else:
+                torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-4, msg=k)
+    with pytest.raises(ValueError, match="model dimensions"):
+        Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run_bad"), device="cpu",
+                            model={**TINY, "hidden": 48}, init_from=str(tmp_path / "w")))
+
+
 def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
     """save_state writes a tensor lr as a float; load_state restores weights and moments and keeps the
     loading optimizer's own lr object and flags (a CUDA-graph run's tensor lr must stay a tensor)."""

@@ -59,7 +59,8 @@ class TrainConfig:
     kl_warmup_epochs: float = 0.0       # KL weight ramped linearly from 0 over these epochs (e.g. while a
                                         # freshly initialised R2L branch meets a warm-started L2R)
     init_from: str | None = None        # warm start a fresh run from an engine directory ("default": the
-                                        # bundled one): encoder and L2R weights; R2L keeps its spec init
+                                        # bundled one): encoder and L2R weights, R2L keeps its spec init; or
+                                        # from a trainer state / weights export: every branch, R2L included
     bidirectional: bool = True          # False: the L2R-only baseline
     precision: str = "bf16"             # "bf16" autocast or "fp32"
     val_every: int = 2
@@ -183,9 +184,24 @@ class Trainer:
             self.graphed = GraphedTrainStep(self.model, self.opt, self._loss, cfg.clip)
 
     def _warm_start(self, source: str) -> None:
-        """Encoder and L2R weights (and BN statistics) from an engine directory."""
-        from abm_rt.engine_dir import default_engine_path, load_engine
+        """Weights (and BN statistics) from an engine directory (encoder and L2R: R2L keeps its init) or
+        from a trainer state directory, e.g. a ``--export-weights`` or fp16 weights export (every branch,
+        R2L included; the optimizer, schedule and epoch start afresh)."""
+        from abm_rt.engine_dir import default_engine_path, load_checked, load_engine
 
+        if source != "default" and has_state(source):
+            from .checkpoint import load_model_weights
+
+            weights, meta = load_model_weights(source)
+            theirs = ModelConfig(**((meta.get("config") or {}).get("model") or {}))
+            if theirs != self.model.cfg:
+                raise ValueError(f"--init-from {source}: its model dimensions {theirs} differ from this run's")
+            if not self.cfg.bidirectional:
+                weights = {k: v for k, v in weights.items() if not k.startswith("r2l.")}
+            load_checked(self.model, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+                         f"--init-from {source}")
+            self.meta["init_from"] = str(source)
+            return
         engine = load_engine(default_engine_path() if source == "default" else source)
         if engine.model.cfg != self.model.cfg:
             raise ValueError(f"--init-from {source}: its model dimensions {engine.model.cfg} differ from this run's")
