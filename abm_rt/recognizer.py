@@ -84,7 +84,8 @@ class Recognizer:
         decoder_precision: the native decoder's weights: "fp32", "fp16" (FP16 weights and features) or
             "int8" (INT8 weights with per-channel scales, FP16 features); accumulation is always FP32.
         compact: native search: finished images leave the working batch (same results, less work when a
-            batch's expressions differ in length; see ``native_search._eager_search``).
+            batch's expressions differ in length; see ``native_search._eager_search``). None (default): on
+            for CPU; off on CUDA until its GPU test (tools/device_native_check.sh) has run on a device.
         decoder_graphs: native search on CUDA: replay the decode steps from CUDA graphs
             (``native_beam_search(cuda_graph=True)``). Experimental: checked on CPU only so far (its GPU test
             has not run yet); off by default. Attention maps are then computed by the eager loop.
@@ -95,7 +96,8 @@ class Recognizer:
     def __init__(self, engine: str | Path | Engine | None = None, device: str = "auto", beam_size: int = 10,
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
                  image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto",
-                 decoder_precision: str = "fp32", compact: bool = True, decoder_graphs: bool = False):
+                 decoder_precision: str = "fp32", compact: bool | None = None,
+                 decoder_graphs: bool = False):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
@@ -124,7 +126,7 @@ class Recognizer:
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_len = max_len
-        self.compact = compact
+        self.compact = (self.device.type == "cpu") if compact is None else bool(compact)
         self.decoder_graphs = decoder_graphs and self._native is not None and self.device.type == "cuda"
         self.image_options = image_options or ImageOptions()
         self._lock = threading.Lock()
