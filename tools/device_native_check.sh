@@ -1,8 +1,9 @@
 #!/bin/bash
 # Device check of the native decoder (issue 6), in one device call: build abm_rt._C with CUDA, run the op
 # and search tests on the GPU against the PyTorch reference (CUDA-graph replay and compaction included),
-# compute-sanitizer memcheck + racecheck on a subset, then, with BENCH=1, the decoders benchmark on CROHME
-# 2014 (needs ".carry" from ../shared/tools/stage-for-device in the call's carry).
+# compute-sanitizer memcheck + racecheck on a subset, then, with PROFILE=1, the per-kernel time of one
+# search step, and with BENCH=1 the decoders benchmark on CROHME 2014 (needs ".carry" from
+# ../shared/tools/stage-for-device in the call's carry).
 # Logs go to $OUT (commit them under tests/logs/; the benchmark JSON under benchmarks/results/).
 #
 # Tests that make the extension throw a C++ exception run in a process of their own: under pytest on the
@@ -24,6 +25,10 @@ for tool in memcheck racecheck; do
     > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool rc=$?"; tail -3 "$OUT/sanitizer_$tool.log"
 done
+if [ "${PROFILE:-0}" = 1 ]; then   # per-kernel time of one search step (batch 1 and 256 x beam 10, two grids)
+  python3 benchmarks/profile_native_step.py --device cuda --out "$OUT/profile_native_step.json" 2>&1 \
+    | grep -v USDT | tail -12 | cut -c1-400
+fi
 if [ "${BENCH:-0}" = 1 ]; then
   mkdir -p /tmp/data && tar -xzf .carry/crohme.tar.gz -C /tmp/data
   # Issue 6's figures in one run: PyTorch decoder vs native FP16 (eager with compaction, without it, and
