@@ -10,10 +10,7 @@ the PyTorch FP32 decoder's (and the first configuration's, at the same batch siz
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from abm_rt import Recognizer  # noqa: E402
 from abm_rt.data.crohme import read_captions  # noqa: E402
 from abm_rt.metrics import score_predictions  # noqa: E402
+from benchmarks.result_file import write_result  # noqa: E402
 
 CONFIGS = [("pytorch", "fp32"), ("native", "fp32"), ("native", "fp16"), ("native", "int8")]
 
@@ -106,19 +104,11 @@ def main() -> int:
                          "same_tokens_as_first_config": round(100 * sum(a == b for a, b in zip(toks, first)) / len(toks), 2),
                          "failed": scores.failed, "decoder_info": info["decoder"]})
             print(json.dumps(rows[-1]), flush=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    commit = os.environ.get("ABM_RT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip() or None
     best = {f"{r['decoder']} {r['precision']} enc-{r['encoder_precision']}{''.join(' ' + f for f in r['flags'])} "
             f"b{r['batch']} ms/img": r["ms_per_image"]
             for r in rows if "ms_per_image" in r}
-    doc = {"benchmark": "decoders", "date": now.isoformat(timespec="seconds"), "device": dev_name, "commit": commit,
-           "command": " ".join(["python3", *sys.argv]), "beam": args.beam, "dataset": data.name, "rows": rows,
-           "headline": best}
-    out = args.out or REPO / "benchmarks" / "results" / f"decoders_{dev_name.split()[1] if ' ' in dev_name else dev_name}_{now.date()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    out = write_result("decoders", args.device,
+                       {"beam": args.beam, "dataset": data.name, "rows": rows, "headline": best}, args.out)
     print(out)
     return 0
 

@@ -12,9 +12,7 @@ optimisation starts from a measured breakdown, not a guess.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from abm_rt.data.vocab import EOS_ID, SOS_ID  # noqa: E402
 from abm_rt.decode.native import NativeDecoder  # noqa: E402
 from abm_rt.decode.native_search import _search_step, _SearchState  # noqa: E402
 from abm_rt.engine_dir import default_engine_path, load_engine  # noqa: E402
+from benchmarks.result_file import write_result  # noqa: E402
 
 
 def profile_shape(model, device: str, N: int, H: int, W: int, precision: str, steps: int, beam: int) -> dict:
@@ -90,17 +89,9 @@ def main() -> int:
         for precision in args.precisions.split(","):
             rows.append(profile_shape(model, args.device, N, H, W, precision, args.steps, args.beam))
             print(json.dumps(rows[-1]), flush=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    doc = {"benchmark": "profile_native_step", "date": now.isoformat(timespec="seconds"), "device": dev_name,
-           "commit": commit or None, "command": " ".join(["python3", *sys.argv]), "rows": rows,
-           "headline": {f"{r['precision']} N{r['N']} {r['H']}x{r['W']} ms/step": r["wall_ms_per_step (profiler on)"]
-                        for r in rows}}
-    tag = dev_name.split()[1] if " " in dev_name else dev_name
-    out = args.out or REPO / "benchmarks" / "results" / f"profile_native_step_{tag}_{now.date()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    headline = {f"{r['precision']} N{r['N']} {r['H']}x{r['W']} ms/step": r["wall_ms_per_step (profiler on)"]
+                for r in rows}
+    out = write_result("profile_native_step", args.device, {"rows": rows, "headline": headline}, args.out)
     print(out)
     return 0
 
