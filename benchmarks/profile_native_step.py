@@ -3,8 +3,9 @@
 For each (rows N = images x beams, feature grid H' x W', weight precision) it runs the bundled model's
 L2R branch through ``NativeDecoder.step`` + ``beam_select`` + the two row gathers (one search step) on
 random features, then profiles ``--steps`` such steps and records every CUDA kernel's total time per
-step (on CPU only the wall time per step). Writes benchmarks/results/profile_native_step_<device>_<date>.json, so that the next
-optimisation starts from a measured breakdown, not a guess.
+step (on CPU only the wall time per step). Writes
+benchmarks/results/profile_native_step_<device>_<date>.json, so that the next optimisation starts from a
+measured breakdown, not a guess.
 
     python3 benchmarks/profile_native_step.py --device cuda
     python3 benchmarks/profile_native_step.py --device cpu --shapes 160x6x24 --precisions fp32
@@ -45,8 +46,7 @@ def profile_shape(model, device: str, N: int, H: int, W: int, precision: str, st
     cuda = device.startswith("cuda")
 
     def one(t: int) -> None:
-        st.step = t
-        st.words, st.parents, st.sources = s.words[t].data_ptr(), s.parents[t].data_ptr(), s.sources[t].data_ptr()
+        s.point_at(st, t)
         _search_step(dec, feats, row_image, s, st)
         s.done.zero_()                      # keep every row busy: we time the step, not the search
 

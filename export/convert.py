@@ -46,8 +46,9 @@ def is_trainer_state(path: str | Path) -> bool:
     return (Path(path) / STATE_META).is_file()
 
 
-def load_trainer_state(path: str | Path) -> tuple[ABM, dict[str, Any]]:
-    """The inference model (encoder + L2R) of a trainer state directory, and the state's ``meta``."""
+def load_trainer_state(path: str | Path, bidirectional: bool = False) -> tuple[ABM, dict[str, Any]]:
+    """The model of a trainer state directory and the state's ``meta``: the inference model (encoder +
+    L2R) by default, both branches with ``bidirectional`` (a warm start that keeps R2L)."""
     from training.checkpoint import load_model_weights
 
     path = Path(path)
@@ -60,8 +61,10 @@ def load_trainer_state(path: str | Path) -> tuple[ABM, dict[str, Any]]:
         cfg = ModelConfig(**overrides)
     except (TypeError, ValueError) as e:
         raise EngineError(f"{path / STATE_META}: bad model config {overrides} ({e})") from e
-    model = ABM(cfg, bidirectional=False)
-    load_checked(model, {k: v for k, v in weights.items() if not k.startswith("r2l.")}, f"trainer state {path}")
+    model = ABM(cfg, bidirectional=bidirectional)
+    if not bidirectional:
+        weights = {k: v for k, v in weights.items() if not k.startswith("r2l.")}
+    load_checked(model, weights, f"trainer state {path}")
     return model.eval(), meta
 
 

@@ -187,28 +187,23 @@ class Trainer:
         """Weights (and BN statistics) from an engine directory (encoder and L2R: R2L keeps its init) or
         from a trainer state directory, e.g. a ``--export-weights`` or fp16 weights export (every branch,
         R2L included; the optimizer, schedule and epoch start afresh)."""
-        from abm_rt.engine_dir import default_engine_path, load_checked, load_engine
+        from abm_rt.engine_dir import default_engine_path, load_engine
 
         if source != "default" and has_state(source):
-            from .checkpoint import load_model_weights
+            from export.convert import load_trainer_state
 
-            weights, meta = load_model_weights(source)
-            theirs = ModelConfig(**((meta.get("config") or {}).get("model") or {}))
-            if theirs != self.model.cfg:
-                raise ValueError(f"--init-from {source}: its model dimensions {theirs} differ from this run's")
-            if not self.cfg.bidirectional:
-                weights = {k: v for k, v in weights.items() if not k.startswith("r2l.")}
-            load_checked(self.model, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
-                         f"--init-from {source}")
-            self.meta["init_from"] = str(source)
-            return
-        engine = load_engine(default_engine_path() if source == "default" else source)
-        if engine.model.cfg != self.model.cfg:
-            raise ValueError(f"--init-from {source}: its model dimensions {engine.model.cfg} differ from this run's")
-        with torch.no_grad():
-            self.model.encoder.load_state_dict(engine.model.encoder.state_dict())
-            self.model.l2r.load_state_dict(engine.model.l2r.state_dict())
-        self.meta["init_from"] = str(engine.path)
+            src, _ = load_trainer_state(source, bidirectional=self.cfg.bidirectional)
+            where = source
+        else:
+            engine = load_engine(default_engine_path() if source == "default" else source)
+            src, where = engine.model, engine.path
+        if src.cfg != self.model.cfg:
+            raise ValueError(f"--init-from {source}: its model dimensions {src.cfg} differ from this run's")
+        with torch.no_grad():   # every branch the source has (an engine has no R2L: that keeps its init)
+            for name in ("encoder", "l2r", "r2l"):
+                if getattr(src, name, None) is not None:
+                    getattr(self.model, name).load_state_dict(getattr(src, name).state_dict())
+        self.meta["init_from"] = str(where)
 
     def _kl_weight_at(self, step: int, steps_per_epoch: int) -> float:
         """The KL weight: ``kl_weight``, ramped from 0 over ``kl_warmup_epochs`` when set."""

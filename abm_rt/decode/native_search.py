@@ -118,6 +118,13 @@ class _SearchState:
         st.all_done, st.prev_token = self.all_done.data_ptr(), self.prev.data_ptr()
         return st
 
+    def point_at(self, st, t: int) -> None:
+        """Point ``st`` at step t of the eager loop: t itself and this step's history rows."""
+        r = t - self.t0
+        st.step = t
+        st.words, st.parents = self.words[r].data_ptr(), self.parents[r].data_ptr()
+        st.sources = self.sources[r].data_ptr()
+
     def history(self, steps: int, valid: torch.Tensor, alphas: list[torch.Tensor] | None) -> SearchHistory:
         """The host copy of the first ``steps`` steps, for ``backtrack``."""
         def host(t):
@@ -160,10 +167,7 @@ def _eager_search(decoder: NativeDecoder, feats: NativeFeatures, row_image: torc
     st = work.beam_state(decoder, eos)
     steps = 0
     for t in range(max_len):
-        r = t - work.t0
-        st.step = t
-        st.words, st.parents, st.sources = (work.words[r].data_ptr(), work.parents[r].data_ptr(),
-                                            work.sources[r].data_ptr())
+        work.point_at(st, t)
         out = _search_step(decoder, feats, row_image, work, st)
         if alphas is not None:
             a = out.alpha.view(-1, k, *out.alpha.shape[1:])
