@@ -178,6 +178,70 @@ def test_warm_start_from_a_weights_export_keeps_r2l(tmp_path):
                             model={**TINY, "hidden": 48}, init_from=str(tmp_path / "w")))
 
 
+def test_weight_average_math_and_applied_restores():
+    """WeightAverage follows a <- d a + (1 - d) w with the warm-up decay min(d, (1+n)/(10+n)); applied()
+    puts the average into the parameters' own storage and gives the raw weights back on exit."""
+    from training.ema import WeightAverage
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    ema = WeightAverage(list(lin.parameters()), decay=0.99)
+    expected = [p.detach().clone() for p in lin.parameters()]
+    for n in range(30):
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.add_(torch.randn_like(p))
+        d = min(0.99, (1 + n) / (10 + n))
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update()
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, lin.parameters())]
+    for a, e in zip(ema.average, expected):
+        torch.testing.assert_close(a, e)
+    raw = [p.detach().clone() for p in lin.parameters()]
+    pointers = [p.data_ptr() for p in lin.parameters()]
+    with ema.applied():
+        assert [p.data_ptr() for p in lin.parameters()] == pointers       # copied in, never swapped
+        for p, a in zip(lin.parameters(), ema.average):
+            assert torch.equal(p, a)
+    for p, r in zip(lin.parameters(), raw):
+        assert torch.equal(p, r)
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(list(lin.parameters()), decay=1.0)
+
+
+def test_trainer_with_ema_validates_both_and_saves_the_better(tmp_path):
+    """With ema_decay the decode epochs log the average's figures next to the raw ones, best_engine holds
+    the weights (raw or average) that the provenance names, and training itself keeps the raw weights."""
+    from abm_rt.engine_dir import load_engine
+
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(8, seed=1, max_h=100, max_w=240))
+    _write_split(data / "2014", _samples(3, seed=2, max_h=100, max_w=240))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, optimizer="adadelta", lr=1.0,
+                      max_batch=4, batch_pixels=200_000, val_every=1, val_beam=2, device="cpu", model=TINY,
+                      ema_decay=0.5)
+    trainer = Trainer(cfg)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "ce_l2r" in r]
+    assert all("ema_val_exprate" in r and np.isfinite(r["ema_val_ce"]) for r in epochs)
+    assert epochs[0]["ema_val_ce"] != epochs[0]["val_ce"]            # a different set of weights
+    assert epochs[0]["saved_best"] in ("raw", "ema")
+    engine = load_engine(tmp_path / "run" / "best_engine")
+    best = next(r for r in reversed(epochs) if r.get("saved_best"))
+    assert engine.config["provenance"]["weights"] == best["saved_best"] == trainer.meta["best_weights"]
+    assert any(not torch.equal(p, a) for p, a in zip(trainer.ema.params, trainer.ema.average))
+    source = trainer.ema.average if best["saved_best"] == "ema" else [p.detach() for p in trainer.ema.params]
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    saved = dict(engine.model.named_parameters())
+    compared = 0
+    for n, v in zip(names, source):
+        if n in saved:               # the engine has no R2L
+            assert torch.equal(saved[n].detach().cpu(), v.cpu()), n
+            compared += 1
+    assert compared > 10
+
+
 def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
     """save_state writes a tensor lr as a float; load_state restores weights and moments and keeps the
     loading optimizer's own lr object and flags (a CUDA-graph run's tensor lr must stay a tensor)."""

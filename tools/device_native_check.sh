@@ -4,6 +4,7 @@
 # compute-sanitizer memcheck + racecheck on a subset, then, with PROFILE=1, the per-kernel time of one
 # search step, and with BENCH=1 the decoders benchmark on CROHME 2014 (needs ".carry" from
 # ../shared/tools/stage-for-device in the call's carry).
+# TESTS=0 skips the tests and the sanitizer (a later call on the same warm machine, for timings only).
 # Logs go to $OUT (commit them under tests/logs/; the benchmark JSON under benchmarks/results/).
 #
 # Tests that make the extension throw a C++ exception run in a process of their own: under pytest on the
@@ -14,6 +15,7 @@ export PYTHONUNBUFFERED=1
 RAISING="validate_names or needs_all_done"
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+if [ "${TESTS:-1}" = 1 ]; then   # TESTS=0: only the build and what PROFILE / BENCH ask for
 python3 -m pytest -q -rs tests/test_native_ops.py tests/test_native_search.py -k "not ($RAISING)" 2>&1 \
   | tee "$OUT/native_tests.log" | tail -6
 python3 -X faulthandler -m pytest -q tests/test_native_ops.py tests/test_native_search.py -k "$RAISING" \
@@ -25,6 +27,7 @@ for tool in memcheck racecheck; do
     > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool rc=$?"; tail -3 "$OUT/sanitizer_$tool.log"
 done
+fi
 if [ "${PROFILE:-0}" = 1 ]; then   # per-kernel time of one search step (batch 1 and 256 x beam 10, two grids)
   python3 benchmarks/profile_native_step.py --device cuda --out "$OUT/profile_native_step.json" 2>&1 \
     | grep -v USDT | tail -12 | cut -c1-400

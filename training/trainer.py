@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from abm_rt.metrics import score_predictions
 from abm_rt.model import ABM, ModelConfig, initialize
 
 from .augment import random_rescale
+from .ema import WeightAverage
 from .checkpoint import has_state, load_state, save_state
 from .losses import distillation_kl, sequence_ce
 from .graphed import GraphedTrainStep, optimizer_step
@@ -83,6 +85,9 @@ class TrainConfig:
                                         # of the first val batch (val_att_max) and the uniform 1/cells baseline
     scale_min: float = 1.0              # scale augmentation (training/augment.py): each training image rescaled
     scale_max: float = 1.0              # by a log-uniform factor in [scale_min, scale_max] per step; 1, 1 = off
+    ema_decay: float = 0.0              # > 0: also validate an EMA of the weights (training/ema.py) and save
+                                        # whichever decodes better as best_engine; 0 = off. Not kept in the
+                                        # state: a resumed run restarts the average from the resumed weights
     model: dict = field(default_factory=dict)   # ModelConfig overrides (tests use small models)
 
 
@@ -179,6 +184,7 @@ class Trainer:
             self.meta.update(load_state(self.out / "state", self.model, self.opt))
         elif cfg.init_from:
             self._warm_start(cfg.init_from)
+        self.ema = WeightAverage(list(self.model.parameters()), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.graphed: GraphedTrainStep | None = None
         if self.graphed_wanted:
             self.graphed = GraphedTrainStep(self.model, self.opt, self._loss, cfg.clip)
@@ -266,6 +272,8 @@ class Trainer:
                 self._graphed_step(self.train_batches[bi], sums)
             else:
                 self._eager_step(self.train_batches[bi], sums)
+            if self.ema is not None:
+                self.ema.update()
             self.meta["step"] += 1
         if self.graphed is not None:
             sums += self.graphed.sums
@@ -347,13 +355,23 @@ class Trainer:
             val = self.validate(decode)
             record = {"epoch": e, "step": self.meta["step"], **stats, **val,
                       "elapsed": round(time.time() - start, 1)}
-            if decode and val["val_exprate"] > self.meta["best_exprate"]:
-                self.meta["best_exprate"], self.meta["best_epoch"] = val["val_exprate"], e
-                save_engine(self.out / "best_engine", self.model, self.vocab,
-                            provenance={"trained_by": "abm_rt training", "epoch": e,
-                                        "val_2014": {k[4:]: v for k, v in val.items() if k.startswith("val_")},
-                                        "train_config": asdict(cfg)})
-                record["saved_best"] = True
+            candidates = [("raw", val)]
+            if decode and self.ema is not None:
+                with self.ema.applied():
+                    ema_val = self.validate(decode)
+                candidates.append(("ema", ema_val))
+                record.update({f"ema_{k}": v for k, v in ema_val.items()})
+                record["elapsed"] = round(time.time() - start, 1)
+            weights, best = max(candidates, key=lambda c: c[1].get("val_exprate", -1.0))   # ties: raw
+            if decode and best["val_exprate"] > self.meta["best_exprate"]:
+                self.meta["best_exprate"], self.meta["best_epoch"] = best["val_exprate"], e
+                self.meta["best_weights"] = weights
+                with self.ema.applied() if weights == "ema" else nullcontext():
+                    save_engine(self.out / "best_engine", self.model, self.vocab,
+                                provenance={"trained_by": "abm_rt training", "epoch": e, "weights": weights,
+                                            "val_2014": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+                                            "train_config": asdict(cfg)})
+                record["saved_best"] = weights
             self._log(record)
             pause = False
             if cfg.stop_after is not None:
