@@ -179,7 +179,7 @@ def test_compaction_switch_keeps_results(engine_dir):
     if not native.is_available("cpu"):
         pytest.skip("abm_rt._C is not built")
     items = [_strokes(seed=s) for s in range(5)] + [_strokes(60, 120, seed=7), _strokes(94, 300, seed=9)]
-    # compact is left at its default, which is on for CPU
+    # compact is left at its default (on)
     on = Recognizer(engine_dir, device="cpu", beam_size=3, max_len=12, max_batch_size=8, decoder_graphs=True)
     off = Recognizer(engine_dir, device="cpu", beam_size=3, max_len=12, max_batch_size=8, compact=False)
     assert on.info()["compact"] is True and off.info()["compact"] is False

@@ -4,7 +4,8 @@
 # compute-sanitizer memcheck + racecheck on a subset, then, with PROFILE=1, the per-kernel time of one
 # search step, and with BENCH=1 the decoders benchmark on CROHME 2014 (needs ".carry" from
 # ../shared/tools/stage-for-device in the call's carry).
-# TESTS=0 skips the tests and the sanitizer (a later call on the same warm machine, for timings only).
+# TESTS=0 skips the tests and the sanitizers (a later call on the same warm machine, for timings only);
+# GDB=1 adds a cuda-gdb host backtrace of the raising-test segfault.
 # Logs go to $OUT (commit them under tests/logs/; the benchmark JSON under benchmarks/results/).
 #
 # Tests that make the extension throw a C++ exception run in a process of their own: under pytest on the
@@ -15,18 +16,19 @@ export PYTHONUNBUFFERED=1
 RAISING="validate_names or needs_all_done"
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+SANITIZE_K="cuda and (step_fp32 and full-grid1-3 or coverage_attention and full-grid1-fp16 or linear and 113x128x5-int8) \
+  or cuda_graph_same_as_eager and 4.0-4-3-3 or compaction and 5.0-0-3-10-cuda"
+sanitize() {   # $1: memcheck or racecheck, $2: the tests (-k)
+  compute-sanitizer --tool "$1" --print-limit 20 python3 -m pytest -q tests/test_native_ops.py \
+    tests/test_native_search.py -k "$2" > "$OUT/sanitizer_$1.log" 2>&1
+  echo "$1 rc=$?"; tail -3 "$OUT/sanitizer_$1.log"
+}
 if [ "${TESTS:-1}" = 1 ]; then   # TESTS=0: only the build and what PROFILE / BENCH ask for
-python3 -m pytest -q -rs tests/test_native_ops.py tests/test_native_search.py -k "not ($RAISING)" 2>&1 \
-  | tee "$OUT/native_tests.log" | tail -6
-python3 -X faulthandler -m pytest -q tests/test_native_ops.py tests/test_native_search.py -k "$RAISING" \
-  > "$OUT/raising_tests.log" 2>&1; echo "raising tests rc=$?"; tail -3 "$OUT/raising_tests.log"
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --print-limit 20 python3 -m pytest -q tests/test_native_ops.py tests/test_native_search.py \
-    -k "cuda and (step_fp32 and full-grid1-3 or coverage_attention and full-grid1-fp16 or linear and 113x128x5-int8) \
-        or cuda_graph_same_as_eager and 4.0-4-3-3 or compaction and 5.0-0-3-10-cuda" \
-    > "$OUT/sanitizer_$tool.log" 2>&1
-  echo "$tool rc=$?"; tail -3 "$OUT/sanitizer_$tool.log"
-done
+  python3 -m pytest -q -rs tests/test_native_ops.py tests/test_native_search.py -k "not ($RAISING)" 2>&1 \
+    | tee "$OUT/native_tests.log" | tail -6
+  python3 -X faulthandler -m pytest -q tests/test_native_ops.py tests/test_native_search.py -k "$RAISING" \
+    > "$OUT/raising_tests.log" 2>&1; echo "raising tests rc=$?"; tail -3 "$OUT/raising_tests.log"
+  sanitize memcheck "$SANITIZE_K"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then   # per-kernel time of one search step (batch 1 and 256 x beam 10, two grids)
   python3 benchmarks/profile_native_step.py --device cuda --out "$OUT/profile_native_step.json" 2>&1 \
@@ -35,8 +37,15 @@ fi
 if [ "${BENCH:-0}" = 1 ]; then
   mkdir -p /tmp/data && tar -xzf .carry/crohme.tar.gz -C /tmp/data
   # Issue 6's figures in one run: PyTorch decoder vs native FP16 (eager with compaction, without it, and
-  # from CUDA graphs), batch 1 (first 100 images) and batch 256 (all 986), beam 10.
+  # from CUDA graphs), batch 1 (first 100 images) and batch 256 (all 986), beam 10. BENCH_CONFIGS narrows it.
   python3 benchmarks/bench_decoders.py --data /tmp/data/crohme/2014 --device cuda --batches 1,256 --limit-batch1 100 \
-    --configs pytorch:fp32,native:fp16,native:fp16:fp32:nocompact,native:fp16:fp32:graph,native:int8 \
+    --configs "${BENCH_CONFIGS:-pytorch:fp32,native:fp16,native:fp16:fp32:nocompact,native:fp16:fp32:graph,native:int8}" \
     --out "$OUT/decoders_bench.json" 2>&1 | tee "$OUT/decoders_bench.log" | tail -12
+fi
+# racecheck last: the slowest part (minutes for the default subset); RACE_K narrows it
+[ "${TESTS:-1}" = 1 ] && sanitize racecheck "${RACE_K:-$SANITIZE_K}"
+if [ "${GDB:-0}" = 1 ]; then   # a host backtrace of the raising-test segfault (cuda-gdb debugs host code too)
+  timeout 120 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -m pytest -q -x \
+    tests/test_native_ops.py -k validate_names > "$OUT/gdb_raising.log" 2>&1; echo "gdb rc=$?"
+  grep -E "^#[0-9]+" "$OUT/gdb_raising.log" | head -30 | cut -c1-300
 fi

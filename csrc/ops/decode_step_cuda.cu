@@ -5,28 +5,26 @@
 //   -> log_softmax
 //
 // The attention part is two kernels: coverage_energy fuses the folded 11x11 coverage convolution
-// with U_a F + W_a h^, tanh and the dot with v (one block per row and tile of positions; the row's
-// coverage map, zero-padded by the kernel halo, and a chunk of the folded kernel sit in shared
+// (an im2col GEMM on the tensor cores, split FP16 operands, FP32 accumulation) with U_a F + W_a h^,
+// tanh and the dot with v (one block per row and tile of positions; the row's coverage map,
+// zero-padded by the kernel halo, its im2col tile and a chunk of the folded kernel sit in shared
 // memory); softmax_context fuses the masked max-subtracted softmax, the context sum and the
 // coverage update (one block per row). All accumulation is FP32.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include "../common/check.h"
 #include "decode_step.h"
 
 namespace abm {
 namespace {
-
-constexpr int kChunk = 32;        // channels per shared-memory chunk of the coverage kernel (one per lane)
-constexpr int kPosPerWarp = 4;    // positions each warp scores in coverage_energy
-constexpr int kWarps = 8;
-constexpr int kPosTile = kPosPerWarp * kWarps;
 
 __device__ __forceinline__ float load_as_float(const float* p, int i) { return p[i]; }
 __device__ __forceinline__ float load_as_float(const __half* p, int i) { return __half2float(p[i]); }
@@ -125,74 +123,160 @@ __global__ void gru2_kernel(const float* __restrict__ gc, const float* __restric
   h_out[idx] = z * h_hat[idx] + (1.f - z) * cand;
 }
 
-// ---- coverage energy -----------------------------------------------------------------------------------
+// ---- coverage energy (tensor cores) ------------------------------------------------------------------
 // energy[r, l] = sum_c v_c tanh(uaf[img, l, c] + wa[r, c] + cov_b[c] + (cov_w[c] * beta_r)(l)) on valid l,
-// -inf elsewhere. Block: one row, kPosTile consecutive positions; warp: kPosPerWarp positions; lane:
-// one channel of the current chunk. Shared memory: the row's coverage with a zero halo of k/2 (cells
-// outside the image's valid extent are zero too) and the chunk's kernel taps.
+// -inf elsewhere.
+//
+// The folded k x k coverage convolution is a GEMM per row: A[l, tap] = beta_r at position l shifted by
+// the tap (im2col of the zero-haloed coverage map), B[tap, c] = cov_w[c, tap], taps padded to KP (a
+// multiple of 16). It runs on the tensor cores (WMMA 16x16x16, FP16 inputs, FP32 accumulation) with each
+// operand split into an FP16 high part and an FP16 residual: A = A_hi + A_lo, B = B_hi + B_lo. Products of
+// two FP16 numbers are exact in FP32, so A_hi B_hi + A_lo B_hi + A_hi B_lo carries ~22 bits of each
+// operand: the result matches the FP32 convolution to accumulation order, not to FP16 rounding. FP16
+// weights (the FP16 / INT8 decoders) are exact in FP16, so B_lo is zero there and skipped.
+//
+// Block: one row, kTcPos positions (one 16-position m-tile per warp). Shared memory: the row's coverage
+// with a zero halo of k/2 (cells outside the image's valid extent are zero too), wa + cov_b and v, the
+// A_hi / A_lo tile, one kTcChan-channel chunk of B_hi (and B_lo), and one 16x16 FP32 staging tile per warp
+// for the epilogue: + uaf + wa + cov_b, tanh, times v, summed over channels. A warp whose 16 positions all
+// lie outside the image skips its MMAs.
+constexpr int kTcWarps = 8;
+constexpr int kTcPos = 16 * kTcWarps;   // positions per block
+constexpr int kTcChan = 32;             // channels per staged chunk of B (two n-tiles)
+constexpr int kTcPadH = 8;              // halves of padding per A / B row: ldmatrix rows hit distinct banks
+constexpr int kTcLdC = 20;              // floats per row of a staging tile (a multiple of 4, as WMMA needs)
+
+inline int tc_taps_padded(int ks) { return (ks * ks + 15) / 16 * 16; }
+__host__ __device__ inline size_t align128(size_t n) { return (n + 127) / 128 * 128; }
+
+struct TcLayout {   // byte offsets into the dynamic shared memory of coverage_energy_tc_kernel
+  size_t beta, base, vvec, a_hi, a_lo, b_hi, b_lo, cstage, total;
+  __host__ __device__ TcLayout(int H, int W, int ks, int d, int KP, bool split_b) {
+    const int half = ks / 2;
+    const size_t lda = KP + kTcPadH;
+    beta = 0;
+    base = align128(beta + sizeof(float) * (size_t)(H + 2 * half) * (W + 2 * half));
+    vvec = align128(base + sizeof(float) * d);
+    a_hi = align128(vvec + sizeof(float) * d);
+    a_lo = align128(a_hi + 2 * lda * kTcPos);
+    b_hi = align128(a_lo + 2 * lda * kTcPos);
+    b_lo = align128(b_hi + 2 * lda * kTcChan);
+    cstage = align128(b_lo + (split_b ? 2 * lda * kTcChan : 0));
+    total = align128(cstage + sizeof(float) * kTcWarps * 16 * kTcLdC);
+  }
+};
+
+// x as an FP16 high part (.x) and the FP16 rounding of what it leaves over (.y).
+__device__ __forceinline__ __half2 split_half(float x) {
+  const __half hi = __float2half_rn(x);
+  return __halves2half2(hi, __float2half_rn(x - __half2float(hi)));
+}
+
 template <typename FT>
-__global__ void coverage_energy_kernel(const FT* __restrict__ uaf, const float* __restrict__ wa,
-                                       const FT* __restrict__ cov_w, const float* __restrict__ cov_b,
-                                       const float* __restrict__ v, const float* __restrict__ coverage,
-                                       const int32_t* __restrict__ row_image, const int32_t* __restrict__ hv,
-                                       const int32_t* __restrict__ wv, float* __restrict__ energy,
-                                       int H, int W, int d, int ks) {
-  extern __shared__ float smem[];
-  const int r = blockIdx.y;
+__global__ void __launch_bounds__(kTcWarps * 32)
+coverage_energy_tc_kernel(const FT* __restrict__ uaf, const float* __restrict__ wa, const FT* __restrict__ cov_w,
+                          const float* __restrict__ cov_b, const float* __restrict__ v,
+                          const float* __restrict__ coverage, const int32_t* __restrict__ row_image,
+                          const int32_t* __restrict__ hv, const int32_t* __restrict__ wv,
+                          float* __restrict__ energy, int H, int W, int d, int ks, int KP) {
+  using namespace nvcuda;
+  constexpr bool kSplitB = std::is_same<FT, float>::value;   // FP32 weights need their residual too
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const TcLayout lay(H, W, ks, d, KP, kSplitB);
+  float* beta = reinterpret_cast<float*>(smem_raw + lay.beta);
+  float* base = reinterpret_cast<float*>(smem_raw + lay.base);
+  float* vvec = reinterpret_cast<float*>(smem_raw + lay.vvec);
+  __half* a_hi = reinterpret_cast<__half*>(smem_raw + lay.a_hi);
+  __half* a_lo = reinterpret_cast<__half*>(smem_raw + lay.a_lo);
+  __half* b_hi = reinterpret_cast<__half*>(smem_raw + lay.b_hi);
+  __half* b_lo = reinterpret_cast<__half*>(smem_raw + lay.b_lo);
+  float* cstage = reinterpret_cast<float*>(smem_raw + lay.cstage);
+  const int lda = KP + kTcPadH, ldb = KP + kTcPadH;
+
+  const int r = blockIdx.y, tid = threadIdx.x;
   const int img = row_image[r];
   const int vh = hv[img], vw = wv[img];
   const int half = ks / 2, PW = W + 2 * half, PH = H + 2 * half, taps = ks * ks;
-  float* beta = smem;                                  // [PH, PW]
-  float* wchunk = smem + PH * PW;                      // [kChunk, taps]
-  const int L = H * W;
+  const int L = H * W, p0 = blockIdx.x * kTcPos;
   const float* cov_r = coverage + (size_t)r * L;
-  for (int e = threadIdx.x; e < PH * PW; e += blockDim.x) {
+  for (int e = tid; e < PH * PW; e += blockDim.x) {
     const int i = e / PW - half, j = e % PW - half;
     beta[e] = (i >= 0 && j >= 0 && i < vh && j < vw) ? cov_r[i * W + j] : 0.f;
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int pos[kPosPerWarp];
-  bool valid[kPosPerWarp];
-  float e_acc[kPosPerWarp];
-#pragma unroll
-  for (int p = 0; p < kPosPerWarp; ++p) {
-    pos[p] = blockIdx.x * kPosTile + warp * kPosPerWarp + p;
-    const int i = pos[p] / W, j = pos[p] % W;
-    valid[p] = pos[p] < L && i < vh && j < vw;
-    e_acc[p] = 0.f;
-  }
-  const FT* uaf_img = uaf + (size_t)img * L * d;
   const float* wa_r = wa + (size_t)r * d;
-  for (int c0 = 0; c0 < d; c0 += kChunk) {
-    __syncthreads();                                   // the previous chunk is no longer read
-    for (int e = threadIdx.x; e < kChunk * taps; e += blockDim.x) {
-      const int cc = c0 + e / taps;
-      wchunk[e] = cc < d ? load_as_float(cov_w, cc * taps + e % taps) : 0.f;
+  for (int c = tid; c < d; c += blockDim.x) {
+    base[c] = wa_r[c] + cov_b[c];
+    vvec[c] = v[c];
+  }
+  __syncthreads();
+  // im2col of the block's positions: A[p, tap], zero past the taps and for positions outside the image
+  for (int e = tid; e < kTcPos * KP; e += blockDim.x) {
+    const int p = e / KP, k = e % KP, pos = p0 + p;
+    float x = 0.f;
+    if (k < taps && pos < L) {
+      const int i = pos / W, j = pos % W;
+      if (i < vh && j < vw) x = beta[(i + k / ks) * PW + j + k % ks];   // halo offsets cancel the -k/2 shift
+    }
+    const __half2 parts = split_half(x);
+    a_hi[p * lda + k] = __low2half(parts);
+    a_lo[p * lda + k] = __high2half(parts);
+  }
+
+  const int warp = tid / 32, lane = tid % 32;
+  const int m0 = warp * 16;                          // the warp's m-tile within the block
+  const int my_p = m0 + lane / 2, my_pos = p0 + my_p; // epilogue: lane -> (position, 8-channel half)
+  const int my_half = lane % 2;
+  const bool my_valid = my_pos < L && my_pos / W < vh && my_pos % W < vw;
+  const bool warp_busy = __any_sync(0xffffffffu, my_valid);
+  const FT* uaf_p = uaf + ((size_t)img * L + (my_valid ? my_pos : 0)) * d;
+  float* cw = cstage + warp * 16 * kTcLdC;
+  float e_part = 0.f;
+  for (int c0 = 0; c0 < d; c0 += kTcChan) {
+    __syncthreads();                                 // A is built; the previous B chunk is no longer read
+    for (int e = tid; e < kTcChan * KP; e += blockDim.x) {
+      const int cl = e / KP, k = e % KP, c = c0 + cl;
+      const float w = (c < d && k < taps) ? load_as_float(cov_w, c * taps + k) : 0.f;
+      const __half2 parts = split_half(w);
+      b_hi[cl * ldb + k] = __low2half(parts);
+      if (kSplitB) b_lo[cl * ldb + k] = __high2half(parts);
     }
     __syncthreads();
-    const int c = c0 + lane;
-    const bool cvalid = c < d;
-    const float base = cvalid ? wa_r[c] + cov_b[c] : 0.f;
-    const float vc = cvalid ? v[c] : 0.f;
-    const float* wk = wchunk + lane * taps;            // stride taps (odd): no bank conflicts
-#pragma unroll
-    for (int p = 0; p < kPosPerWarp; ++p) {
-      if (!valid[p]) continue;                         // warp-uniform
-      const int i = pos[p] / W, j = pos[p] % W;
-      float acc = base + load_as_float(uaf_img, (int)((size_t)pos[p] * d + (cvalid ? c : 0)));
-      for (int dy = 0; dy < ks; ++dy) {
-        const float* brow = beta + (i + dy) * PW + j;  // halo offsets cancel the -k/2 shift
-        const float* krow = wk + dy * ks;
-        for (int dx = 0; dx < ks; ++dx) acc = fmaf(krow[dx], brow[dx], acc);
+    if (!warp_busy) continue;
+    for (int nt = 0; nt < kTcChan / 16 && c0 + nt * 16 < d; ++nt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int kt = 0; kt < KP / 16; ++kt) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa_hi, fa_lo;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb_hi;
+        wmma::load_matrix_sync(fa_hi, a_hi + m0 * lda + kt * 16, lda);
+        wmma::load_matrix_sync(fa_lo, a_lo + m0 * lda + kt * 16, lda);
+        wmma::load_matrix_sync(fb_hi, b_hi + nt * 16 * ldb + kt * 16, ldb);
+        wmma::mma_sync(acc, fa_lo, fb_hi, acc);      // small terms first
+        if (kSplitB) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb_lo;
+          wmma::load_matrix_sync(fb_lo, b_lo + nt * 16 * ldb + kt * 16, ldb);
+          wmma::mma_sync(acc, fa_hi, fb_lo, acc);
+        }
+        wmma::mma_sync(acc, fa_hi, fb_hi, acc);
       }
-      e_acc[p] += warp_sum(vc * tanhf(acc));
+      wmma::store_matrix_sync(cw, acc, kTcLdC, wmma::mem_row_major);
+      __syncwarp();
+      if (my_valid) {
+        const int cbase = c0 + nt * 16 + my_half * 8;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int c = cbase + q;
+          if (c < d) {
+            const float x = cw[(lane / 2) * kTcLdC + my_half * 8 + q] + base[c] + load_as_float(uaf_p, c);
+            e_part = fmaf(vvec[c], tanhf(x), e_part);
+          }
+        }
+      }
+      __syncwarp();                                  // the staging tile is rewritten by the next n-tile
     }
   }
-  if (lane == 0) {
-#pragma unroll
-    for (int p = 0; p < kPosPerWarp; ++p)
-      if (pos[p] < L) energy[(size_t)r * L + pos[p]] = valid[p] ? e_acc[p] : -INFINITY;
-  }
+  e_part += __shfl_xor_sync(0xffffffffu, e_part, 1);
+  if (my_half == 0 && my_pos < L) energy[(size_t)r * L + my_pos] = my_valid ? e_part : -INFINITY;
 }
 
 // ---- masked softmax, context and coverage update: one block per row ------------------------------------
@@ -291,9 +375,9 @@ __global__ void log_softmax_kernel(float* __restrict__ x, int N, int K) {
 
 inline int blocks_for(long long n, int threads) { return (int)((n + threads - 1) / threads); }
 
-size_t energy_smem_bytes(int H, int W, int ks) {
-  const int half = ks / 2;
-  return sizeof(float) * ((size_t)(H + 2 * half) * (W + 2 * half) + (size_t)kChunk * ks * ks);
+template <typename FT>
+size_t energy_smem_bytes(int H, int W, int ks, int d) {
+  return TcLayout(H, W, ks, d, tc_taps_padded(ks), std::is_same<FT, float>::value).total;
 }
 
 // The dynamic shared memory one kernel has been allowed so far, per device (the attribute belongs to
@@ -331,12 +415,18 @@ template <typename FT>
 void launch_attention(const DecoderWeights& w, const StepTensors& t, cudaStream_t s) {
   static SmemLimit energy_limit, context_limit;   // one pair per instantiation (per kernel)
   const int L = t.H * t.W;
-  const size_t smem = energy_smem_bytes(t.H, t.W, w.ksize);
-  allow_dynamic_smem(reinterpret_cast<const void*>(coverage_energy_kernel<FT>), smem, energy_limit);
-  dim3 grid(blocks_for(L, kPosTile), t.N);
-  coverage_energy_kernel<FT><<<grid, kWarps * 32, smem, s>>>(
+  const size_t smem = energy_smem_bytes<FT>(t.H, t.W, w.ksize, w.d);
+  int dev = 0, optin = 0;
+  ABM_CUDA_CHECK(cudaGetDevice(&dev));
+  ABM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  ABM_CHECK(smem <= (size_t)optin, "feature grid " << t.H << " x " << t.W << " is too large for the CUDA attention "
+            "kernel: it needs " << smem << " bytes of shared memory per block, the device allows " << optin
+            << " (downscale the image)");
+  allow_dynamic_smem(reinterpret_cast<const void*>(coverage_energy_tc_kernel<FT>), smem, energy_limit);
+  dim3 grid(blocks_for(L, kTcPos), t.N);
+  coverage_energy_tc_kernel<FT><<<grid, kTcWarps * 32, smem, s>>>(
       static_cast<const FT*>(t.uaf), t.wa, static_cast<const FT*>(w.cov_w), w.cov_b, w.v, t.coverage,
-      t.row_image, t.hv, t.wv, t.energy, t.H, t.W, w.d, w.ksize);
+      t.row_image, t.hv, t.wv, t.energy, t.H, t.W, w.d, w.ksize, tc_taps_padded(w.ksize));
   ABM_CUDA_CHECK(cudaGetLastError());
   const size_t smem2 = sizeof(float) * (size_t)((L + 3) & ~3);
   allow_dynamic_smem(reinterpret_cast<const void*>(softmax_context_kernel<FT>), smem2, context_limit);
