@@ -45,7 +45,8 @@ def _eval_headline(doc: dict) -> dict | None:
     rec = doc.get("recognizer") or {}
     prov = rec.get("provenance") or {}
     enc = rec.get("encoder") or {}
-    return {"set": name, "model": prov.get("run", "?"),
+    run = prov.get("run") or Path(str((prov.get("train_config") or {}).get("out") or "?")).name
+    return {"set": name, "model": run,
             "encoder": f"{rec.get('encoder_backend', '?')} {enc.get('precision', rec.get('precision', ''))}".strip(),
             "decoder": rec.get("decoder", "?"), "beam": rec.get("beam_size"),
             "ExpRate": round(s["exprate"], 2), "<=1": round(s["le1"], 2), "<=2": round(s["le2"], 2),
