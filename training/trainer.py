@@ -27,7 +27,7 @@ from abm_rt.engine_dir import save_engine
 from abm_rt.metrics import score_predictions
 from abm_rt.model import ABM, ModelConfig, initialize
 
-from .augment import random_rescale
+from .augment import random_affine
 from .ema import WeightAverage
 from .checkpoint import has_state, load_state, save_state
 from .losses import distillation_kl, sequence_ce
@@ -83,8 +83,11 @@ class TrainConfig:
     save_every: int = 1                 # epochs between saved states (a pause or the end always saves)
     log_attention_sharpness: bool = True  # after each validation: mean max attention weight over valid steps
                                         # of the first val batch (val_att_max) and the uniform 1/cells baseline
-    scale_min: float = 1.0              # scale augmentation (training/augment.py): each training image rescaled
-    scale_max: float = 1.0              # by a log-uniform factor in [scale_min, scale_max] per step; 1, 1 = off
+    scale_min: float = 1.0              # geometric augmentation (training/augment.py), a map per image and step:
+    scale_max: float = 1.0              # log-uniform scale in [scale_min, scale_max];
+    aspect_max: float = 1.0             # log-uniform width/height ratio in [1/aspect_max, aspect_max];
+    shear_max: float = 0.0              # slant x += k y, k uniform in +-shear_max;
+    rotate_deg: float = 0.0             # rotation uniform in +-rotate_deg degrees. All at their defaults = off
     ema_decay: float = 0.0              # > 0: also validate an EMA of the weights (training/ema.py) and save
                                         # whichever decodes better as best_engine; 0 = off. Not kept in the
                                         # state: a resumed run restarts the average from the resumed weights
@@ -101,14 +104,20 @@ def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, progress: float) -
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def augments(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` asks for any geometric augmentation of the training images."""
+    return (cfg.scale_min, cfg.scale_max, cfg.aspect_max, cfg.shear_max, cfg.rotate_deg) != (1.0, 1.0, 1.0, 0.0, 0.0)
+
+
 def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, autocast_cache: bool = True,
                kl_weight: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl].
 
     ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured).
     ``kl_weight`` overrides ``cfg.kl_weight``; a tensor lets a captured graph follow a schedule."""
-    if model.training and (cfg.scale_min, cfg.scale_max) != (1.0, 1.0):
-        x, pmask = random_rescale(b.images.float().div_(255.0), b.heights, b.widths, cfg.scale_min, cfg.scale_max)
+    if model.training and augments(cfg):
+        x, pmask = random_affine(b.images.float().div_(255.0), b.heights, b.widths, (cfg.scale_min, cfg.scale_max),
+                                 cfg.aspect_max, cfg.rotate_deg, cfg.shear_max)
     else:
         x, pmask = b.inputs()
     amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16",
