@@ -6,7 +6,7 @@
 # ../shared/tools/stage-for-device in the call's carry).
 # TESTS=0 skips the tests and the sanitizers (a later call on the same warm machine, for timings only);
 # REAL=1 adds memcheck (REAL_MEM images, 32) and racecheck (REAL_RACE, 16) of the native search on real
-# CROHME 2014 images, our kernels only (needs ".carry").
+# CROHME 2014 images, our kernels only, REAL_BATCH images a batch (16); per-item results in a JSON (needs ".carry").
 # GDB="-k EXPR" adds a cuda-gdb host backtrace of the tests EXPR selects (how the raising-test segfault
 # was found: tests/logs/2026-12-02_tc_energy_h200/).
 # Logs go to $OUT (commit them under tests/logs/; the benchmark JSON under benchmarks/results/).
@@ -46,10 +46,10 @@ if [ "${REAL:-0}" = 1 ]; then   # memcheck + racecheck of the native CUDA search
   # the time and are not ours to check. Without the option (an older compute-sanitizer) everything is.
   only_ours=(); compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" && only_ours=(--kernel-name kns=abm)
   for run in memcheck:${REAL_MEM:-32} racecheck:${REAL_RACE:-16}; do   # racecheck is slower: fewer images
-    tool=${run%:*}
+    tool=${run%:*}; [ "${run#*:}" = 0 ] && continue                     # REAL_MEM=0 / REAL_RACE=0: skip that tool
     timeout "${REAL_TIMEOUT:-240}" compute-sanitizer --tool $tool "${only_ours[@]}" --print-limit 20 python3 -m abm_rt eval /tmp/data/crohme/2014 \
-      --limit ${run#*:} --device cuda --batch-size 16 --decoder native --omit-references \
-      > "$OUT/sanitizer_real_$tool.log" 2>&1
+      --limit ${run#*:} --device cuda --batch-size "${REAL_BATCH:-16}" --decoder native --omit-references \
+      --json "$OUT/sanitizer_real_$tool.json" > "$OUT/sanitizer_real_$tool.log" 2>&1
     echo "real images $tool (${only_ours[*]:-all kernels}) rc=$?"; tail -2 "$OUT/sanitizer_real_$tool.log"
   done
 fi
