@@ -44,7 +44,8 @@ if [ "${REAL:-0}" = 1 ]; then   # memcheck + racecheck of the native CUDA search
   mkdir -p /tmp/data && [ -d /tmp/data/crohme ] || tar -xzf .carry/crohme.tar.gz -C /tmp/data
   # Only our kernels are instrumented (names in namespace abm): cuDNN's encoder kernels would take most of
   # the time and are not ours to check. Without the option (an older compute-sanitizer) everything is.
-  only_ours=(); compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" && only_ours=(--kernel-name kns=abm)
+  # (the help is read whole first: "| grep -q" under pipefail fails whenever grep exits before the writer)
+  only_ours=(); help=$(compute-sanitizer --help 2>&1); [[ $help == *--kernel-name* ]] && only_ours=(--kernel-name kns=abm)
   for run in memcheck:${REAL_MEM:-32} racecheck:${REAL_RACE:-16}; do   # racecheck is slower: fewer images
     tool=${run%:*}; [ "${run#*:}" = 0 ] && continue                     # REAL_MEM=0 / REAL_RACE=0: skip that tool
     timeout "${REAL_TIMEOUT:-240}" compute-sanitizer --tool $tool "${only_ours[@]}" --print-limit 20 python3 -m abm_rt eval /tmp/data/crohme/2014 \
