@@ -337,3 +337,11 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer):
     print(f"{optimizer}: worst |graphed - eager| / |update| over tensors = {worst:.2e}; "
           f"{len(step.graphs)} graph(s), capture {step.capture_seconds:.2f} s")
     assert worst < 1e-3
+
+
+def test_adamw_at_an_adadelta_rate_is_refused(tmp_path):
+    """lr 0.5 is an Adadelta rate; with AdamW it is a forgotten --optimizer, refused before any data loads."""
+    cfg = TrainConfig(data=str(tmp_path / "absent"), out=str(tmp_path / "run"), optimizer="adamw", lr=0.5,
+                      device="cpu", model=TINY)
+    with pytest.raises(ValueError, match="--optimizer adadelta"):
+        Trainer(cfg)

@@ -5,8 +5,9 @@
 # search step, and with BENCH=1 the decoders benchmark on CROHME 2014 (needs ".carry" from
 # ../shared/tools/stage-for-device in the call's carry).
 # TESTS=0 skips the tests and the sanitizers (a later call on the same warm machine, for timings only);
-# REAL=1 adds memcheck (REAL_MEM images, 32) and racecheck (REAL_RACE, 16) of the native search on real
-# CROHME 2014 images, our kernels only, REAL_BATCH images a batch (16); per-item results in a JSON (needs ".carry").
+# REAL=1 adds memcheck (REAL_MEM images, 32; REAL_BATCH a batch, 16) of the recognizer and racecheck (REAL_RACE
+# images, 16, for each of REAL_PRECISIONS) of the native search alone on their real encoder features, our kernels
+# only (tools/sanitize_native_search.py; needs ".carry"). 0 images skips that tool.
 # GDB="-k EXPR" adds a cuda-gdb host backtrace of the tests EXPR selects (how the raising-test segfault
 # was found: tests/logs/2026-12-02_tc_energy_h200/).
 # Logs go to $OUT (commit them under tests/logs/; the benchmark JSON under benchmarks/results/).
@@ -46,13 +47,26 @@ if [ "${REAL:-0}" = 1 ]; then   # memcheck + racecheck of the native CUDA search
   # the time and are not ours to check. Without the option (an older compute-sanitizer) everything is.
   # (the help is read whole first: "| grep -q" under pipefail fails whenever grep exits before the writer)
   only_ours=(); help=$(compute-sanitizer --help 2>&1); [[ $help == *--kernel-name* ]] && only_ours=(--kernel-name kns=abm)
-  for run in memcheck:${REAL_MEM:-32} racecheck:${REAL_RACE:-16}; do   # racecheck is slower: fewer images
-    tool=${run%:*}; [ "${run#*:}" = 0 ] && continue                     # REAL_MEM=0 / REAL_RACE=0: skip that tool
-    timeout "${REAL_TIMEOUT:-240}" compute-sanitizer --tool $tool "${only_ours[@]}" --print-limit 20 python3 -m abm_rt eval /tmp/data/crohme/2014 \
-      --limit ${run#*:} --device cuda --batch-size "${REAL_BATCH:-16}" --decoder native --omit-references \
-      --json "$OUT/sanitizer_real_$tool.json" > "$OUT/sanitizer_real_$tool.log" 2>&1
-    echo "real images $tool (${only_ours[*]:-all kernels}) rc=$?"; tail -2 "$OUT/sanitizer_real_$tool.log"
-  done
+  if [ "${REAL_MEM:-32}" != 0 ]; then   # memcheck: the whole recognizer (encoder + native search), REAL_MEM images
+    timeout "${REAL_TIMEOUT:-240}" compute-sanitizer --tool memcheck "${only_ours[@]}" --print-limit 20 \
+      python3 -m abm_rt eval /tmp/data/crohme/2014 --limit "${REAL_MEM:-32}" --device cuda \
+      --batch-size "${REAL_BATCH:-16}" --decoder native --omit-references --json "$OUT/sanitizer_real_memcheck.json" \
+      > "$OUT/sanitizer_real_memcheck.log" 2>&1
+    echo "real images memcheck (${only_ours[*]:-all kernels}) rc=$?"; tail -2 "$OUT/sanitizer_real_memcheck.log"
+  fi
+  if [ "${REAL_RACE:-16}" != 0 ]; then
+    # racecheck breaks inside PyTorch/cuDNN's part of a recognizer process, with the PyTorch decoder too
+    # (tests/logs/2026-12-02_real_sanitizer_h200/): the features are made first, without a sanitizer, and
+    # only the native search runs under racecheck, which also checks it still gives the same tokens.
+    for prec in ${REAL_PRECISIONS:-fp32 fp16}; do
+      python3 tools/sanitize_native_search.py features /tmp/data/crohme/2014 --limit "${REAL_RACE:-16}" \
+        --precision "$prec" --out "/tmp/real_feats_$prec.pt" | tail -1
+      timeout "${REAL_TIMEOUT:-240}" compute-sanitizer --tool racecheck "${only_ours[@]}" --print-limit 20 \
+        python3 tools/sanitize_native_search.py search "/tmp/real_feats_$prec.pt" \
+        > "$OUT/sanitizer_real_racecheck_$prec.log" 2>&1
+      echo "real features racecheck $prec (${only_ours[*]:-all kernels}) rc=$?"; tail -2 "$OUT/sanitizer_real_racecheck_$prec.log"
+    done
+  fi
 fi
 if [ -n "${GDB:-}" ]; then   # GDB="-k EXPR": a host backtrace of a crashing test (cuda-gdb debugs host code too)
   timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 -m pytest -q -x tests/test_native_ops.py \

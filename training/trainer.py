@@ -104,6 +104,19 @@ def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, progress: float) -
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+# AdamW's working rates are ~1e-3; Adadelta's (spec 4.4) are ~0.1-1. A rate of the other's scale is a
+# forgotten --optimizer: AdamW at lr 0.5 took a trained model to a CE of 1e5 within one epoch (run
+# abm-affine's first attempt, training/runs/abm-affine/failed_adamw_attempt.log.jsonl).
+ADAMW_MAX_LR = 0.05
+
+
+def _check_learning_rate(cfg: TrainConfig) -> None:
+    if cfg.optimizer == "adamw" and cfg.lr > ADAMW_MAX_LR:
+        raise ValueError(f"lr {cfg.lr} with optimizer adamw: AdamW diverges at rates of Adadelta's scale "
+                         f"(adamw's default is 1.5e-3; the limit here is {ADAMW_MAX_LR}). For the spec's "
+                         f"Adadelta pass --optimizer adadelta (and --clip 100).")
+
+
 def augments(cfg: TrainConfig) -> bool:
     """Whether ``cfg`` asks for any geometric augmentation of the training images."""
     return (cfg.scale_min, cfg.scale_max, cfg.aspect_max, cfg.shear_max, cfg.rotate_deg) != (1.0, 1.0, 1.0, 0.0, 0.0)
@@ -155,6 +168,7 @@ class Trainer:
     """Owns the model, optimizer, packed data and run directory of one training run."""
 
     def __init__(self, cfg: TrainConfig):
+        _check_learning_rate(cfg)
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if cfg.device == "auto" else cfg.device))

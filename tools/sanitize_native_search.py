@@ -1,0 +1,100 @@
+"""The native beam search on real encoder features, in a process that runs no cuDNN: for compute-sanitizer.
+
+Why: on the H200, racecheck breaks inside PyTorch / cuDNN's part of a recognizer process. It fails the same way
+with the PyTorch decoder, when none of our kernels runs (tests/logs/2026-12-02_real_sanitizer_h200/). So real
+images are split into two processes:
+
+    python3 tools/sanitize_native_search.py features DIR --limit 16 --out feats.pt     # no sanitizer
+    compute-sanitizer --tool racecheck --kernel-name kns=abm \
+        python3 tools/sanitize_native_search.py search feats.pt                          # only our search
+
+``features`` encodes the images (sorted ``*.png`` of DIR) in the recognizer's size batches, and saves the
+features, masks and the tokens the native search gives without a sanitizer. ``search`` runs the native search
+alone on those features and checks it gives the same tokens; it exits 1 if any image differs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from abm_rt import Recognizer
+from abm_rt.data.buckets import pad_batch, size_batches
+from abm_rt.data.images import load_image
+from abm_rt.decode.native import NativeDecoder
+from abm_rt.decode.native_search import native_beam_search
+
+
+def _decoder(rec: Recognizer) -> NativeDecoder:
+    return NativeDecoder(rec.model.l2r, rec.device, weight_dtype=rec.decoder_precision,
+                         feat_dtype="fp32" if rec.decoder_precision == "fp32" else "fp16")
+
+
+def _search(rec: Recognizer, dec: NativeDecoder, feats: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Token ids of the native search, as the recognizer runs it (compaction on, host check every 4 steps)."""
+    seqs = native_beam_search(dec, feats.to(rec.device), mask.to(rec.device), rec.beam_size, max_len=rec.max_len,
+                              check_every=4 if rec.device.type == "cuda" else 1, compact=True)
+    return [list(s.tokens) for s in seqs]
+
+
+def features(args: argparse.Namespace) -> int:
+    """Encode the images and save features, masks and the reference tokens."""
+    rec = Recognizer(device=args.device, decoder="native", beam_size=args.beam, decoder_precision=args.precision)
+    paths = sorted(Path(args.dir).glob("*.png"))[: args.limit]
+    if not paths:
+        raise SystemExit(f"no *.png images in {args.dir}")
+    pixels = [load_image(str(p), rec.image_options).pixels for p in paths]
+    groups = size_batches([p.shape for p in pixels], rec.max_batch_size, rec.max_batch_pixels)
+    batches, dec = [], _decoder(rec)
+    with torch.inference_mode():
+        for group in groups:
+            x, pixel_mask = pad_batch([pixels[i] for i in group], multiple=16)
+            feats, mask = rec.encoder.encode(x, pixel_mask)
+            batches.append({"names": [paths[i].name for i in group], "features": feats.cpu(), "mask": mask.cpu(),
+                            "tokens": _search(rec, dec, feats, mask)})
+    torch.save({"device": args.device, "beam": args.beam, "precision": args.precision, "batches": batches}, args.out)
+    print(f"{len(paths)} images in {len(batches)} batches -> {args.out}")
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    """Run only the native search on saved features; compare with the saved tokens."""
+    saved = torch.load(args.file, weights_only=True)
+    rec = Recognizer(device=args.device, decoder="native", beam_size=saved["beam"],
+                     decoder_precision=saved["precision"], encoder_backend="pytorch")
+    same = total = 0
+    dec = _decoder(rec)
+    with torch.inference_mode():
+        for b in saved["batches"]:
+            got = _search(rec, dec, b["features"], b["mask"])
+            for name, want, have in zip(b["names"], b["tokens"], got):
+                total += 1
+                same += want == have
+                if want != have:
+                    print(f"{name}: tokens differ from the run without a sanitizer")
+    print(f"native search on {rec.device} ({saved['precision']}): same tokens for {same} of {total} images")
+    return 0 if same == total else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("features", help="encode images; save features, masks and reference tokens")
+    f.add_argument("dir", help="a folder of *.png images (e.g. CROHME 2014)")
+    f.add_argument("--limit", type=int, default=16, help="the first N images, sorted by name (default 16)")
+    f.add_argument("--out", required=True, help="where to save them (torch.save file)")
+    f.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    f.add_argument("--beam", type=int, default=10, help="beam width (default 10)")
+    f.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="native decoder weights")
+    s = sub.add_parser("search", help="run only the native search on saved features and compare the tokens")
+    s.add_argument("file", help="the output of `features`")
+    s.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    args = p.parse_args(argv)
+    return features(args) if args.cmd == "features" else search(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
