@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from abm_rt.data.vocab import EOS_ID, SOS_ID  # noqa: E402
-from abm_rt.decode.native import NativeDecoder  # noqa: E402
+from abm_rt.decode.native import NativeDecoder, load_extension  # noqa: E402
 from abm_rt.decode.native_search import _search_step, _SearchState  # noqa: E402
 from abm_rt.engine_dir import default_engine_path, load_engine  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
@@ -78,8 +78,12 @@ def main() -> int:
     ap.add_argument("--precisions", default="fp32,fp16,int8")
     ap.add_argument("--beam", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--few-rows-linear", action="store_true",
+                    help="CUDA linears of <= 32 rows on the one-warp-per-output kernel (off by default until checked)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.few_rows_linear:
+        load_extension().set_linear_rows_max_n(32)      # process-wide (see abm_rt.decode.native.few_rows_linear)
     model = load_engine(default_engine_path()).model.eval()
     with profile(activities=[ProfilerActivity.CPU]):   # the profiler's own start-up (~0.4 s) stays out of row 1
         pass
@@ -91,7 +95,8 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
     headline = {f"{r['precision']} N{r['N']} {r['H']}x{r['W']} ms/step": r["wall_ms_per_step (profiler on)"]
                 for r in rows}
-    out = write_result("profile_native_step", args.device, {"rows": rows, "headline": headline}, args.out)
+    out = write_result("profile_native_step", args.device, {"rows": rows, "headline": headline,
+                                                          "few_rows_linear": args.few_rows_linear}, args.out)
     print(out)
     return 0
 

@@ -167,6 +167,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream") = 0,
       "y[N, out] = x[N, in] W^T * scale + bias (+ y when accumulate); x and y are float32 pointers.");
 
+  m.def("set_linear_rows_max_n", &set_linear_rows_max_n, py::arg("n"),
+        "CUDA linear: use the one-warp-per-output kernel for N <= n rows (0..32; 0 = never, the default until\n"
+        "that kernel is validated on a GPU). Process-wide. RuntimeError in a CPU-only build.");
+  m.def("linear_rows_max_n", &linear_rows_max_n, "The current set_linear_rows_max_n threshold (0 = off).");
+
   m.def(
       "coverage_attention",
       [](const DecoderWeights& w, const StepTensors& t, const std::string& device, std::uintptr_t stream) {

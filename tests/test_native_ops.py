@@ -11,6 +11,7 @@ Each test body runs on "cpu" and, when torch and abm_rt._C both see a GPU, on "c
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -177,9 +178,15 @@ def test_step_low_precision(size, dtypes, device):
     check_step(run_native(dec, x, device), reference(b64, x), x, tol, tag)
 
 
+@pytest.mark.parametrize("path", ["tiled", "few-rows"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_steps_chain(device):
+def test_steps_chain(device, path):
     """Four steps fed back into each other (the state, coverage and argmax tokens), full size, FP32."""
+    with linear_path(path, device):
+        _check_steps_chain(device)
+
+
+def _check_steps_chain(device):
     branch, b64, wseed = branch_for("full")
     seed = new_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -221,11 +228,26 @@ def test_threads_agree():
 
 
 # ---- the ops one by one ---------------------------------------------------------------------------
+def linear_path(path: str, device: str):
+    """The CUDA linear kernel under test: "tiled" (the default) or "few-rows" (one warp per output, N <= 32)."""
+    if path == "few-rows" and device != "cuda":
+        pytest.skip("the few-rows kernel is CUDA's")
+    return native.few_rows_linear(32) if path == "few-rows" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("path", ["tiled", "few-rows"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
-@pytest.mark.parametrize("shape", [(768, 684, 9), (113, 128, 5), (13, 37, 1)], ids=lambda s: "x".join(map(str, s)))
-def test_linear(shape, dtype, device):
-    """y = x W^T * scale + bias (+ y) against float64 with the kernel's own (dequantized) weights."""
+@pytest.mark.parametrize("shape", [(768, 684, 9), (113, 128, 5), (13, 37, 1), (70, 300, 16), (70, 300, 17),
+                                   (70, 300, 32), (70, 300, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_linear(shape, dtype, device, path):
+    """y = x W^T * scale + bias (+ y) against float64 with the kernel's own (dequantized) weights; N = 33 on the
+    few-rows path checks that it hands larger N back to the tiled kernel."""
+    with linear_path(path, device):
+        _check_linear(shape, dtype, device)
+
+
+def _check_linear(shape, dtype, device):
     out, inp, N = shape
     seed = new_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -344,3 +366,16 @@ def test_cpu_only_build_says_so():
     with pytest.raises(RuntimeError, match="built without CUDA"):
         _C.linear(packed.lin, x.data_ptr(), y.data_ptr(), 2, False, "cuda")
     assert not _C.cuda_available()
+
+
+@pytest.mark.skipif(not _C.built_with_cuda(), reason="a CPU-only build has no CUDA linear to switch")
+def test_few_rows_switch_is_bounded_and_restored():
+    """The few-rows threshold is off by default, takes 0..32, and few_rows_linear puts it back (no GPU needed)."""
+    assert _C.linear_rows_max_n() == 0
+    with native.few_rows_linear(16):
+        assert _C.linear_rows_max_n() == 16
+    assert _C.linear_rows_max_n() == 0
+    for bad in (-1, 33):
+        with pytest.raises(ValueError, match="linear_rows_max_n"):
+            _C.set_linear_rows_max_n(bad)
+    assert _C.linear_rows_max_n() == 0

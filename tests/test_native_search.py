@@ -36,9 +36,23 @@ def _batch(seed: int, B: int = 4):
 @pytest.mark.parametrize("eos_bias", [4.0, 8.0])
 def test_same_results_as_batched_search(device, k, eos_bias):
     """Tokens, truncation and scores equal the PyTorch batched search, for finished and truncated decodes."""
+    _check_same_as_batched(device, k, eos_bias)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("B, k", [(1, 10), (2, 3), (4, 10)])
+@pytest.mark.parametrize("eos_bias", [4.0, 8.0])
+def test_few_rows_linear_same_results_as_batched_search(B, k, eos_bias):
+    """The same with the CUDA few-rows linear: N = B k <= 32 uses it from the start; at B 4 x k 10 the search
+    starts on the tiled kernel (N 40) and moves to the few-rows one as compaction shrinks the batch."""
+    with native.few_rows_linear(32):
+        _check_same_as_batched("cuda", k, eos_bias, B)
+
+
+def _check_same_as_batched(device: str, k: int, eos_bias: float, B: int = 4) -> None:
     seed = int(np.random.default_rng().integers(1 << 30))
     model = scaled_random_model(SMALL, seed=seed % 97, eos_bias=eos_bias)
-    f, mask = _batch(seed)
+    f, mask = _batch(seed, B)
     ref = beam_search(model.l2r, f, mask, k, max_len=25)
     dec = native.NativeDecoder(model.l2r, device, poison=True)
     got = native_beam_search(dec, f.to(device), mask, k, max_len=25, check_every=3)

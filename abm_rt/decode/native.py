@@ -17,7 +17,9 @@ device can be used, and ``NativeDecoder`` raises ImportError with a hint when ``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,22 @@ def is_available(device: torch.device | str = "cpu") -> bool:
     if dev.type == "cuda":
         return bool(_C.built_with_cuda() and _C.cuda_available() and torch.cuda.is_available())
     return False
+
+
+@contextlib.contextmanager
+def few_rows_linear(max_n: int = 32) -> Iterator[None]:
+    """Within the block, the CUDA linears of N <= ``max_n`` rows take the one-warp-per-output kernel.
+
+    That kernel (``linear_rows_kernel``, for batch 1-3 x beam 10) is off by default until it has been checked
+    on a GPU against the reference; tests and benchmarks switch it on here. Process-wide, restored on exit.
+    Raises RuntimeError in a CPU-only build, ValueError outside 0..32."""
+    _C = load_extension()
+    old = _C.linear_rows_max_n()
+    _C.set_linear_rows_max_n(max_n)
+    try:
+        yield
+    finally:
+        _C.set_linear_rows_max_n(old)
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:

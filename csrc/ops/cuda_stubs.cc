@@ -18,6 +18,8 @@ namespace {
 
 void decode_step_cuda(const DecoderWeights&, const StepTensors&, cudaStream_t) { no_cuda("decode_step_cuda"); }
 void linear_cuda(const LinearWeights&, const float*, float*, int, bool, cudaStream_t) { no_cuda("linear_cuda"); }
+void set_linear_rows_max_n(int) { no_cuda("set_linear_rows_max_n"); }
+int linear_rows_max_n() { return 0; }
 void coverage_attention_cuda(const DecoderWeights&, const StepTensors&, cudaStream_t) {
   no_cuda("coverage_attention_cuda");
 }

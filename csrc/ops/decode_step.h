@@ -94,6 +94,10 @@ void decode_step_cuda(const DecoderWeights& w, const StepTensors& t, cudaStream_
 // linear: y[N, out] = x[N, in] W^T * scale + bias (+ y when accumulate).
 void linear_cpu(const LinearWeights& lin, const float* x, float* y, int N, bool accumulate);
 void linear_cuda(const LinearWeights& lin, const float* x, float* y, int N, bool accumulate, cudaStream_t s);
+// The CUDA linear takes a one-warp-per-output kernel for N <= this (0..32; 0, the default, means never):
+// a process-wide switch, off until that kernel has been checked on a GPU (see decode_step_cuda.cu).
+void set_linear_rows_max_n(int n);
+int linear_rows_max_n();
 // coverage attention: energy -> masked max-subtracted softmax -> alpha, context, coverage_out.
 // Reads wa, coverage, feats, uaf; writes energy, alpha, context, coverage_out.
 void coverage_attention_cpu(const DecoderWeights& w, const StepTensors& t);

@@ -41,6 +41,8 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+inline int blocks_for(long long n, int threads) { return (int)((n + threads - 1) / threads); }
+
 // ---- linear: y[N, out] (+)= x[N, in] W^T * scale + bias -------------------------------------------
 // 64 x 64 output tile per block, 16 x 16 threads, 4 x 4 outputs per thread, K in chunks of 16.
 template <typename WT>
@@ -92,6 +94,62 @@ __global__ void linear_kernel(const float* __restrict__ x, const WT* __restrict_
     }
   }
 }
+
+// ---- linear for few rows (N <= 32: batch 1-3 x beam 10): one warp per output ------------------------
+// The 64 x 64 tiled kernel above leaves most of the GPU idle when N is small: at batch 1 x beam 10 the
+// W_c product (768 x 684) is 12 blocks, each walking K in 43 synchronised chunks; on an H200 the step's
+// seven linears took 213 us of its ~470 us of kernel time. Here each warp reads one weight row once,
+// coalesced, and keeps one FP32 accumulator per input row in registers (MAXN of them); x [N, in] is
+// small (<= 32 x 684 floats) and stays in L1/L2. Lane-strided partial sums, then a butterfly sum.
+constexpr int kRowsWarps = 8;
+
+template <typename WT, int MAXN>
+__global__ void __launch_bounds__(kRowsWarps * 32)
+linear_rows_kernel(const float* __restrict__ x, const WT* __restrict__ w, const float* __restrict__ scale,
+                   const float* __restrict__ bias, float* __restrict__ y, int N, int out, int in,
+                   bool accumulate) {
+  const int lane = threadIdx.x & 31;
+  const int o = blockIdx.x * kRowsWarps + (threadIdx.x >> 5);
+  if (o >= out) return;                                // whole warps leave: no shuffle is left half-empty
+  const WT* wr = w + (size_t)o * in;
+  float acc[MAXN];
+#pragma unroll
+  for (int r = 0; r < MAXN; ++r) acc[r] = 0.f;
+  for (int i = lane; i < in; i += 32) {
+    const float wv = load_as_float(wr, i);
+#pragma unroll
+    for (int r = 0; r < MAXN; ++r)
+      if (r < N) acc[r] = fmaf(wv, x[(size_t)r * in + i], acc[r]);
+  }
+  const float sc = scale ? scale[o] : 1.f, b = bias ? bias[o] : 0.f;
+#pragma unroll
+  for (int r = 0; r < MAXN; ++r) {
+    if (r >= N) break;                                 // N is uniform across the warp
+    const float v = warp_sum(acc[r]) * sc + b;
+    if (lane == 0) {
+      float* dst = y + (size_t)r * out + o;
+      *dst = accumulate ? *dst + v : v;
+    }
+  }
+}
+
+template <typename WT>
+void launch_linear_rows(const LinearWeights& lin, const WT* w, const float* x, float* y, int N, bool accumulate,
+                        cudaStream_t s) {
+  const dim3 grid(blocks_for(lin.out, kRowsWarps)), block(kRowsWarps * 32);
+  const float* scale = lin.type == DType::I8 ? lin.scale : nullptr;
+  if (N <= 8)
+    linear_rows_kernel<WT, 8><<<grid, block, 0, s>>>(x, w, scale, lin.bias, y, N, lin.out, lin.in, accumulate);
+  else if (N <= 16)
+    linear_rows_kernel<WT, 16><<<grid, block, 0, s>>>(x, w, scale, lin.bias, y, N, lin.out, lin.in, accumulate);
+  else
+    linear_rows_kernel<WT, 32><<<grid, block, 0, s>>>(x, w, scale, lin.bias, y, N, lin.out, lin.in, accumulate);
+}
+
+// Up to which N linear_cuda takes the few-rows kernel. 0 (off) until the kernel has been checked on a GPU
+// against the reference (tests/test_native_ops.py runs both paths); set_linear_rows_max_n changes it.
+std::atomic<int> g_linear_rows_max_n{0};
+constexpr int kLinearRowsLimit = 32;
 
 // ---- GRU-1: h^ = z h + (1 - z) tanh(r (U_hh h) + yh), gates from U_h h and the token table -----------
 __global__ void gru1_kernel(const float* __restrict__ gates, const float* __restrict__ gy_table,
@@ -373,7 +431,6 @@ __global__ void log_softmax_kernel(float* __restrict__ x, int N, int K) {
   for (int k = lane; k < K; k += 32) row[k] -= lse;
 }
 
-inline int blocks_for(long long n, int threads) { return (int)((n + threads - 1) / threads); }
 
 template <typename FT>
 size_t energy_smem_bytes(int H, int W, int ks, int d) {
@@ -437,8 +494,24 @@ void launch_attention(const DecoderWeights& w, const StepTensors& t, cudaStream_
 
 }  // namespace
 
+void set_linear_rows_max_n(int n) {
+  ABM_CHECK(n >= 0 && n <= kLinearRowsLimit, "linear_rows_max_n must be in 0.." << kLinearRowsLimit << ", got " << n);
+  g_linear_rows_max_n.store(n);
+}
+
+int linear_rows_max_n() { return g_linear_rows_max_n.load(); }
+
 void linear_cuda(const LinearWeights& lin, const float* x, float* y, int N, bool accumulate, cudaStream_t s) {
   if (N == 0) return;
+  if (N <= g_linear_rows_max_n.load(std::memory_order_relaxed)) {
+    switch (lin.type) {
+      case DType::F32: launch_linear_rows(lin, static_cast<const float*>(lin.w), x, y, N, accumulate, s); break;
+      case DType::F16: launch_linear_rows(lin, static_cast<const __half*>(lin.w), x, y, N, accumulate, s); break;
+      case DType::I8: launch_linear_rows(lin, static_cast<const int8_t*>(lin.w), x, y, N, accumulate, s); break;
+    }
+    ABM_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   dim3 grid(blocks_for(lin.out, 64), blocks_for(N, 64)), block(16, 16);
   switch (lin.type) {
     case DType::F32:
