@@ -90,7 +90,11 @@ class Recognizer:
         decoder_graphs: native search on CUDA: replay the decode steps from CUDA graphs
             (``native_beam_search(cuda_graph=True)``). Off by default: on an H200 it gave the same tokens as
             the eager search but was slower (29.8 vs 21.2 ms per image at batch 1; at batch 256 it cannot
-            compact). Attention maps are then computed by the eager loop.
+            compact). That figure captured a graph per call; the captured searches are now kept per batch
+            shape (``native_search.SearchGraphs``, ``graph_capacity`` of them) and replayed with new inputs,
+            which has not been timed on a GPU yet. Attention maps are then computed by the eager loop.
+        graph_capacity: how many captured searches ``decoder_graphs`` keeps (least recently used out; also
+            bounded by 2 GiB of their tensors).
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
     """
@@ -99,7 +103,7 @@ class Recognizer:
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
                  image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto",
                  decoder_precision: str = "fp32", compact: bool = True,
-                 decoder_graphs: bool = False):
+                 decoder_graphs: bool = False, graph_capacity: int = 64):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
@@ -130,6 +134,10 @@ class Recognizer:
         self.max_len = max_len
         self.compact = bool(compact)
         self.decoder_graphs = decoder_graphs and self._native is not None and self.device.type == "cuda"
+        self._graphs = None
+        if self.decoder_graphs:
+            from .decode.native_search import SearchGraphs
+            self._graphs = SearchGraphs(graph_capacity)
         self.image_options = image_options or ImageOptions()
         self._lock = threading.Lock()
 
@@ -151,7 +159,7 @@ class Recognizer:
             "beam_size": self.beam_size,
             "max_len": self.max_len,
             "compact": self.compact if self._native is not None else None,
-            "decoder_graphs": self.decoder_graphs,
+            "decoder_graphs": self._graphs.info() if self._graphs is not None else False,
         }
 
     def predict(self, images: Any, return_attention: bool = False, progress: bool = False) -> list[Result]:
@@ -214,7 +222,8 @@ class Recognizer:
             return native_beam_search(self._native, features, mask, self.beam_size, max_len=self.max_len,
                                       return_attention=return_attention, check_every=check_every,
                                       compact=self.compact,
-                                      cuda_graph=self.decoder_graphs and not return_attention)
+                                      cuda_graph=self.decoder_graphs and not return_attention,
+                                      graphs=self._graphs)
         return beam_search(self.model.l2r, features, mask, self.beam_size, max_len=self.max_len,
                            return_attention=return_attention, check_every=check_every)
 

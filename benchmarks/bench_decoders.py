@@ -108,7 +108,8 @@ def main() -> int:
                          "same_tokens_as_pytorch_fp32": (round(100 * sum(a == b for a, b in zip(toks, same)) / len(toks), 2)
                                                          if same else None),
                          "same_tokens_as_first_config": round(100 * sum(a == b for a, b in zip(toks, first)) / len(toks), 2),
-                         "failed": scores.failed, "decoder_info": info["decoder"]})
+                         "failed": scores.failed, "decoder_info": info["decoder"],
+                         "decoder_graphs": info["decoder_graphs"]})
             print(json.dumps(rows[-1]), flush=True)
     best = {f"{r['decoder']} {r['precision']} enc-{r['encoder_precision']}{''.join(' ' + f for f in r['flags'])} "
             f"b{r['batch']} ms/img": r["ms_per_image"]

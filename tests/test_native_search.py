@@ -12,7 +12,7 @@ from abm_rt.model import ModelConfig, scaled_random_model
 native = pytest.importorskip("abm_rt.decode.native")
 if not native.is_available("cpu"):
     pytest.skip("abm_rt._C is not built", allow_module_level=True)
-from abm_rt.decode.native_search import _SearchState, native_beam_search  # noqa: E402
+from abm_rt.decode.native_search import SearchGraphs, _SearchState, native_beam_search  # noqa: E402
 
 SMALL = ModelConfig(growth=8, block_depth=2, hidden=32, embed=32, attn=32)
 NEEDS_CUDA = pytest.mark.skipif(not native.is_available("cuda"),
@@ -215,6 +215,73 @@ def test_cuda_graph_same_as_eager(B, k, check_every, eos_bias):
         assert g.tokens == w.tokens and g.truncated == w.truncated, tag
         assert g.score == pytest.approx(w.score, rel=1e-4, abs=1e-4), tag
         assert g.normalized_score == pytest.approx(w.normalized_score, rel=1e-4, abs=1e-4), tag
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("k", [1, 10])
+def test_kept_graphs_are_reused_with_new_inputs(k):
+    """A kept captured search, replayed for a new batch of the same shape, gives that batch's eager results;
+    a new shape is captured anew; the least recently used search leaves first."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    model = scaled_random_model(SMALL, seed=seed % 97, eos_bias=5.0)
+    dec = native.NativeDecoder(model.l2r, "cuda", poison=True)
+    graphs = SearchGraphs(capacity=2)
+    args = dict(beam_size=k, max_len=25, check_every=4)
+    batches = [_batch(seed + i, 3) for i in range(3)] + [_batch(seed + 9, 2)]   # the last: another shape
+    for i, (f, mask) in enumerate(batches):
+        want = native_beam_search(dec, f.cuda(), mask, **args)
+        got = native_beam_search(dec, f.cuda(), mask, cuda_graph=True, graphs=graphs, **args)
+        for b, (w, g) in enumerate(zip(want, got)):
+            tag = f"[seed {seed} batch {i} image {b} k {k}]"
+            assert g.tokens == w.tokens and g.truncated == w.truncated, tag
+            assert g.score == pytest.approx(w.score, rel=1e-4, abs=1e-4), tag
+    info = graphs.info()
+    assert (info["kept"], info["captures"], info["reuses"]) == (2, 2, 2) and info["mib"] > 0
+
+
+def test_search_graphs_keeps_the_most_recently_used():
+    """SearchGraphs is an LRU bounded by a count and by bytes, counting captures and reuses."""
+    g = SearchGraphs(capacity=2)
+    g.put("a", "A", 10)
+    g.put("b", "B", 10)
+    assert g.get("a") == "A"                           # a is now the most recently used
+    g.put("c", "C", 10)                                # b leaves
+    assert g.get("b") is None and g.get("a") == "A" and g.get("c") == "C"
+    info = g.info()
+    assert len(g) == 2 and g.nbytes == 20 and (info["captures"], info["reuses"]) == (3, 3)
+    small = SearchGraphs(capacity=10, max_bytes=25)
+    for key in "abc":
+        small.put(key, key.upper(), 10)                # the third would make 30 bytes: a leaves
+    assert small.get("a") is None and len(small) == 2 and small.nbytes == 20
+    small.put("huge", "H", 100)                        # over the budget alone: kept, everything else leaves
+    assert len(small) == 1 and small.get("huge") == "H"
+    with pytest.raises(ValueError, match="capacity"):
+        SearchGraphs(capacity=0)
+
+
+def test_search_graphs_pad_to_the_bucket():
+    """Grids are rounded up to the bucket's multiples with zero features and masked-out cells."""
+    g = SearchGraphs(bucket=(2, 8))
+    f, mask = _batch(1, 2)                             # 5 x 11 grids
+    pf, pm = g.pad(f, mask)
+    assert pf.shape[-2:] == (6, 16) and pm.shape[-2:] == (6, 16)
+    assert torch.equal(pf[..., :5, :11], f) and pf[..., 5:, :].abs().sum() == 0 and pf[..., 11:].abs().sum() == 0
+    assert torch.equal(pm[:, :5, :11], mask) and not pm[:, 5:].any() and not pm[:, :, 11:].any()
+    same_f, same_m = g.pad(pf, pm)
+    assert same_f is pf and same_m is pm               # already on the bucket: untouched
+
+
+def test_padded_grid_gives_the_same_search():
+    """The native search on a bucket-padded batch gives the unpadded batch's tokens (the padding is masked),
+    which is what lets kept graphs serve other grid sizes."""
+    model = scaled_random_model(SMALL, seed=11, eos_bias=5.0)
+    dec = native.NativeDecoder(model.l2r, "cpu")
+    f, mask = _batch(5, 3)
+    pf, pm = SearchGraphs(bucket=(2, 8)).pad(f, mask)
+    want = native_beam_search(dec, f, mask, 3, max_len=25)
+    got = native_beam_search(dec, pf, pm, 3, max_len=25)
+    for w, g in zip(want, got):
+        assert g.tokens == w.tokens and g.score == pytest.approx(w.score, rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -39,7 +39,7 @@ if [ "${BENCH:-0}" = 1 ]; then
   # Issue 6's figures in one run: PyTorch decoder vs native FP16 (eager with compaction, without it, and
   # from CUDA graphs), batch 1 (first 100 images) and batch 256 (all 986), beam 10. BENCH_CONFIGS narrows it.
   python3 benchmarks/bench_decoders.py --data /tmp/data/crohme/2014 --device cuda --batches 1,256 --limit-batch1 100 \
-    --configs "${BENCH_CONFIGS:-pytorch:fp32,native:fp16,native:fp16:fp32:fewrows,native:fp16:fp32:nocompact,native:fp16:fp32:graph,native:int8}" \
+    --configs "${BENCH_CONFIGS:-pytorch:fp32,native:fp16,native:fp16:fp32:fewrows,native:fp16:fp32:nocompact,native:fp16:fp32:graph,native:fp16:fp32:graph+fewrows,native:int8}" \
     --out "$OUT/decoders_bench.json" 2>&1 | tee "$OUT/decoders_bench.log" | tail -12
 fi
 # racecheck last: the slowest part (minutes for the default subset); RACE_K narrows it
