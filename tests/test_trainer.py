@@ -345,3 +345,37 @@ def test_adamw_at_an_adadelta_rate_is_refused(tmp_path):
                       device="cpu", model=TINY)
     with pytest.raises(ValueError, match="--optimizer adadelta"):
         Trainer(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_graph_replays_draw_fresh_dropout_and_augmentation(tmp_path):
+    """Replaying one batch's graph twice at lr 0 gives different losses when dropout and augmentation are on
+    (each replay draws new masks and maps from the graph-safe generator) and the same losses when both are
+    off. A frozen draw would make dropout a fixed sub-network per batch shape: far weaker regularisation."""
+    from training.graphed import GraphedTrainStep
+    from training.trainer import batch_loss
+
+    dev = torch.device("cuda")
+    samples = _samples(32, seed=5, max_h=100, max_w=300)
+    batch = pack_fixed_shapes(samples, Vocab.default(), dev, max_batch=8, max_batch_pixels=400_000)[0]
+    sums = {}
+    for random_on in (False, True):
+        aug = dict(scale_min=0.7, scale_max=1.4, shear_max=0.2) if random_on else {}
+        cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.2 if random_on else 0.0}, **aug)
+        torch.manual_seed(0)
+        model = ABM(ModelConfig(**cfg.model), bidirectional=True)
+        initialize(model)
+        model.to(dev).train()
+        opt = torch.optim.Adadelta(model.parameters(), lr=torch.tensor(0.0, device=dev), foreach=True,
+                                   capturable=True)
+        step = GraphedTrainStep(model, opt, lambda b, cache, cfg=cfg, model=model: batch_loss(model, b, cfg, "cuda",
+                                                                                              cache), 100.0)
+        step.step(batch)                               # warm-up and capture
+        replays = []
+        for _ in range(2):
+            step.reset_sums()
+            assert step.step(batch) is True
+            replays.append(step.sums.clone())
+        sums[random_on] = replays
+    assert torch.allclose(sums[False][0], sums[False][1], rtol=1e-6, atol=1e-7), sums[False]
+    assert not torch.allclose(sums[True][0], sums[True][1], rtol=1e-4, atol=0), sums[True]

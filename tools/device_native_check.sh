@@ -27,6 +27,8 @@ if [ "${TESTS:-1}" = 1 ]; then   # TESTS=0: only the build and what PROFILE / BE
   python3 -X faulthandler -m pytest -q -rs tests/test_native_ops.py tests/test_native_search.py 2>&1 \
     | tee "$OUT/native_tests.log" | tail -6
   sanitize memcheck "$SANITIZE_K"
+  # the trainer's CUDA-graph tests (graph step = eager step; replays draw fresh dropout and augmentation)
+  python3 -m pytest -q -rs tests/test_trainer.py -k graph 2>&1 | tee "$OUT/trainer_graph_tests.log" | tail -3
 fi
 if [ "${PROFILE:-0}" = 1 ]; then   # per-kernel time of one search step (batch 1 and 256 x beam 10, two grids)
   python3 benchmarks/profile_native_step.py --device cuda --out "$OUT/profile_native_step.json" 2>&1 \
