@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from abm_rt import Recognizer  # noqa: E402
 from abm_rt.data.crohme import read_captions  # noqa: E402
-from abm_rt.decode.native import few_rows_linear  # noqa: E402
+from abm_rt.decode.native import few_rows_linear, split_energy  # noqa: E402
 from abm_rt.metrics import score_predictions  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
 
@@ -35,14 +35,17 @@ def run_config(decoder: str, precision: str, paths: list[str], batch: int, devic
 
     ``encoder_precision="fp16"`` swaps in the PyTorch CUDA encoder in FP16 (issue 5's parity row).
     ``flags``: "graph" (native search from CUDA graphs), "nocompact" (finished images stay in the batch),
-    "fewrows" (CUDA linears of <= 32 rows on the one-warp-per-output kernel, ``native.few_rows_linear``)."""
-    unknown = set(flags) - {"graph", "nocompact", "fewrows"}
+    "fewrows" (CUDA linears of <= 32 rows on the one-warp-per-output kernel, ``native.few_rows_linear``),
+    "splitenergy" (the CUDA energy in channel slices at small N, ``native.split_energy``)."""
+    unknown = set(flags) - {"graph", "nocompact", "fewrows", "splitenergy"}
     if unknown:
         raise ValueError(f"unknown flags {sorted(unknown)}")
-    if "fewrows" in flags:
-        with few_rows_linear(32):
-            return run_config(decoder, precision, paths, batch, device, beam, encoder_precision,
-                              tuple(f for f in flags if f != "fewrows"))
+    switches = {"fewrows": lambda: few_rows_linear(32), "splitenergy": lambda: split_energy(16)}
+    for flag, switch in switches.items():
+        if flag in flags:
+            with switch():
+                return run_config(decoder, precision, paths, batch, device, beam, encoder_precision,
+                                  tuple(f for f in flags if f != flag))
     rec = Recognizer(device=device, beam_size=beam, max_batch_size=batch, decoder=decoder,
                      decoder_precision=precision, max_batch_pixels=64_000_000,
                      compact="nocompact" not in flags, decoder_graphs="graph" in flags)
@@ -71,7 +74,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N images at every batch size")
     ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS),
                     help="comma separated DECODER:PRECISION[:ENCODER_PRECISION[:FLAG+FLAG]] (encoder fp32 unless "
-                         "given; flags: graph, nocompact, fewrows)")
+                         "given; flags: graph, nocompact, fewrows, splitenergy)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data = Path(args.data)

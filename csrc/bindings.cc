@@ -122,7 +122,9 @@ PYBIND11_MODULE(_C, m) {
   ptr_field(st, "gates", &StepTensors::gates, "scratch [N, 3n]");
   ptr_field(st, "h_hat", &StepTensors::h_hat, "scratch [N, n]");
   ptr_field(st, "wa", &StepTensors::wa, "scratch [N, d] (input of coverage_attention)");
-  ptr_field(st, "energy", &StepTensors::energy, "scratch [N, L]");
+  ptr_field(st, "energy", &StepTensors::energy, "scratch [N, L] (CUDA: [energy_splits, N, L])");
+  st.def_readwrite("energy_splits", &StepTensors::energy_splits,
+                   "CUDA: channel slices of the energy (1..16, from energy_splits(N, L, d)); the CPU ignores it");
   ptr_field(st, "gates2", &StepTensors::gates2, "scratch [N, 3n]");
   ptr_field(st, "gates2u", &StepTensors::gates2u, "scratch [N, 3n]");
   ptr_field(st, "out_pre", &StepTensors::out_pre, "scratch [N, m]");
@@ -171,6 +173,13 @@ PYBIND11_MODULE(_C, m) {
         "CUDA linear: use the one-warp-per-output kernel for N <= n rows (0..32; 0 = never, the default until\n"
         "that kernel is validated on a GPU). Process-wide. RuntimeError in a CPU-only build.");
   m.def("linear_rows_max_n", &linear_rows_max_n, "The current set_linear_rows_max_n threshold (0 = off).");
+  m.def("set_energy_max_splits", &set_energy_max_splits, py::arg("s"),
+        "CUDA energy: allow up to s channel slices (1..16; 1 = never split, the default until the split kernel is\n"
+        "validated on a GPU). Process-wide. RuntimeError in a CPU-only build.");
+  m.def("energy_max_splits", &energy_max_splits, "The current set_energy_max_splits limit (1 = off).");
+  m.def("energy_splits", &energy_splits, py::arg("N"), py::arg("L"), py::arg("d"),
+        "How many channel slices the CUDA energy uses for N rows, L cells and attention width d (1 when off or\n"
+        "in a CPU-only build); size StepTensors.energy for that many [N, L] slices and set energy_splits.");
 
   m.def(
       "coverage_attention",

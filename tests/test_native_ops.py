@@ -178,11 +178,11 @@ def test_step_low_precision(size, dtypes, device):
     check_step(run_native(dec, x, device), reference(b64, x), x, tol, tag)
 
 
-@pytest.mark.parametrize("path", ["tiled", "few-rows"])
+@pytest.mark.parametrize("path", ["tiled", "few-rows", "split-energy", "small-batch"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_steps_chain(device, path):
     """Four steps fed back into each other (the state, coverage and argmax tokens), full size, FP32."""
-    with linear_path(path, device):
+    with kernel_path(path, device):
         _check_steps_chain(device)
 
 
@@ -228,11 +228,20 @@ def test_threads_agree():
 
 
 # ---- the ops one by one ---------------------------------------------------------------------------
-def linear_path(path: str, device: str):
-    """The CUDA linear kernel under test: "tiled" (the default) or "few-rows" (one warp per output, N <= 32)."""
-    if path == "few-rows" and device != "cuda":
-        pytest.skip("the few-rows kernel is CUDA's")
-    return native.few_rows_linear(32) if path == "few-rows" else contextlib.nullcontext()
+def kernel_path(path: str, device: str):
+    """The CUDA kernels under test: the defaults ("tiled"), or the small-batch ones, off by default until
+    validated: "few-rows" (linear, one warp per output, N <= 32), "split-energy" (the coverage energy in
+    channel slices), "small-batch" (both)."""
+    if path == "tiled":
+        return contextlib.nullcontext()
+    if device != "cuda":
+        pytest.skip(f"the {path} kernels are CUDA's")
+    stack = contextlib.ExitStack()
+    if path in ("few-rows", "small-batch"):
+        stack.enter_context(native.few_rows_linear(32))
+    if path in ("split-energy", "small-batch"):
+        stack.enter_context(native.split_energy(16))
+    return stack
 
 
 @pytest.mark.parametrize("path", ["tiled", "few-rows"])
@@ -243,7 +252,7 @@ def linear_path(path: str, device: str):
 def test_linear(shape, dtype, device, path):
     """y = x W^T * scale + bias (+ y) against float64 with the kernel's own (dequantized) weights; N = 33 on the
     few-rows path checks that it hands larger N back to the tiled kernel."""
-    with linear_path(path, device):
+    with kernel_path(path, device):
         _check_linear(shape, dtype, device)
 
 
@@ -294,8 +303,15 @@ def test_linear_fp16_values_exact(device):
 @pytest.mark.parametrize("feat_dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("grid", [(6, 16), (5, 13)])
 @pytest.mark.parametrize("size", ["small", "full"])
-def test_coverage_attention(size, grid, feat_dtype, device):
-    """coverage_attention alone against DecoderBranch.attend (float64), wa = W_a h_hat given."""
+@pytest.mark.parametrize("path", ["tiled", "split-energy"])
+def test_coverage_attention(size, grid, feat_dtype, device, path):
+    """coverage_attention alone against DecoderBranch.attend (float64), wa = W_a h_hat given; "split-energy"
+    runs the energy as channel slices (6 rows: 16 slices at full size, 2 at d = 40)."""
+    with kernel_path(path, device):
+        _check_coverage_attention(size, grid, feat_dtype, device)
+
+
+def _check_coverage_attention(size, grid, feat_dtype, device):
     branch, b64, wseed = branch_for(size)
     seed = new_seed()
     x = make_inputs(branch.cfg, 3, *grid, 2, torch.Generator().manual_seed(seed))
@@ -366,6 +382,28 @@ def test_cpu_only_build_says_so():
     with pytest.raises(RuntimeError, match="built without CUDA"):
         _C.linear(packed.lin, x.data_ptr(), y.data_ptr(), 2, False, "cuda")
     assert not _C.cuda_available()
+
+
+@pytest.mark.skipif(not _C.built_with_cuda(), reason="a CPU-only build has no CUDA energy to split")
+def test_energy_split_count_and_switch():
+    """Off (1 slice) by default; on, slices double while the grid is short of ~2 waves of blocks, bounded by
+    the limit and by the channel chunks; split_energy puts the limit back (no GPU needed)."""
+    assert _C.energy_max_splits() == 1 and _C.energy_splits(10, 144, 512) == 1
+    with native.split_energy(16):
+        assert [_C.energy_splits(N, 144, 512) for N in (10, 30, 100, 2560)] == [16, 8, 2, 1]
+        assert _C.energy_splits(10, 144, 40) == 2          # d = 40: two 32-channel chunks
+    with native.split_energy(4):
+        assert _C.energy_splits(10, 144, 512) == 4
+    assert _C.energy_max_splits() == 1
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="energy_max_splits"):
+            _C.set_energy_max_splits(bad)
+
+
+def test_cpu_step_ignores_energy_splits():
+    """The CPU twin sizes nothing by energy_splits (it is CUDA's), and validate bounds it."""
+    dec, feats, x = _valid_call()
+    assert dec._energy_splits(x["prev"].shape[0], feats.H * feats.W) == 1
 
 
 @pytest.mark.skipif(not _C.built_with_cuda(), reason="a CPU-only build has no CUDA linear to switch")

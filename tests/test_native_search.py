@@ -42,10 +42,11 @@ def test_same_results_as_batched_search(device, k, eos_bias):
 @NEEDS_CUDA
 @pytest.mark.parametrize("B, k", [(1, 10), (2, 3), (4, 10)])
 @pytest.mark.parametrize("eos_bias", [4.0, 8.0])
-def test_few_rows_linear_same_results_as_batched_search(B, k, eos_bias):
-    """The same with the CUDA few-rows linear: N = B k <= 32 uses it from the start; at B 4 x k 10 the search
-    starts on the tiled kernel (N 40) and moves to the few-rows one as compaction shrinks the batch."""
-    with native.few_rows_linear(32):
+def test_small_batch_kernels_same_results_as_batched_search(B, k, eos_bias):
+    """The same with the CUDA small-batch kernels (few-rows linear, split energy): N = B k <= 32 uses the
+    few-rows linear from the start; at B 4 x k 10 the search starts on the tiled one (N 40) and moves over as
+    compaction shrinks the batch, and the energy's slice count changes with N."""
+    with native.few_rows_linear(32), native.split_energy(16):
         _check_same_as_batched("cuda", k, eos_bias, B)
 
 

@@ -2,7 +2,7 @@
 # Device check of the native decoder (issue 6), in one device call: build abm_rt._C with CUDA, run the op
 # and search tests on the GPU against the PyTorch reference (CUDA-graph replay and compaction included),
 # compute-sanitizer memcheck + racecheck on a subset, then, with PROFILE=1, the per-kernel time of one
-# search step (also with the few-rows linear at batch 1 and 3), and with BENCH=1 the decoders benchmark on CROHME 2014 (needs ".carry" from
+# search step (also with the small-batch kernels at batch 1 and 3), and with BENCH=1 the decoders benchmark on CROHME 2014 (needs ".carry" from
 # ../shared/tools/stage-for-device in the call's carry).
 # TESTS=0 skips the tests and the sanitizers (a later call on the same warm machine, for timings only);
 # REAL=1 adds memcheck (REAL_MEM images, 32; REAL_BATCH a batch, 16) of the recognizer and racecheck (REAL_RACE
@@ -17,7 +17,8 @@ python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 SANITIZE_K="cuda and (step_fp32 and full-grid1-3 or coverage_attention and full-grid1-fp16 or linear and 113x128x5-int8) \
   or cuda_graph_same_as_eager and 4.0-4-3-3 or compaction and 5.0-0-3-10-cuda \
-  or linear and 70x300x17-int8-cuda-few-rows or few_rows_linear_same and 4.0-4-10"
+  or linear and 70x300x17-int8-cuda-few-rows or coverage_attention and split-energy-full-grid1-fp16-cuda \
+  or small_batch_kernels_same and 4.0-4-10"
 sanitize() {   # $1: memcheck or racecheck, $2: the tests (-k)
   compute-sanitizer --tool "$1" --print-limit 20 python3 -m pytest -q tests/test_native_ops.py \
     tests/test_native_search.py -k "$2" > "$OUT/sanitizer_$1.log" 2>&1
@@ -33,7 +34,7 @@ fi
 if [ "${PROFILE:-0}" = 1 ]; then   # per-kernel time of one search step (batch 1 and 256 x beam 10, two grids)
   python3 benchmarks/profile_native_step.py --device cuda --out "$OUT/profile_native_step.json" 2>&1 \
     | grep -v USDT | tail -12 | cut -c1-400
-  python3 benchmarks/profile_native_step.py --device cuda --few-rows-linear --shapes 10x6x24,30x6x24 \
+  python3 benchmarks/profile_native_step.py --device cuda --small-batch-kernels --shapes 10x6x24,30x6x24 \
     --out "$OUT/profile_native_step_few_rows.json" 2>&1 | grep -v USDT | tail -7 | cut -c1-400
 fi
 if [ "${BENCH:-0}" = 1 ]; then
@@ -41,7 +42,7 @@ if [ "${BENCH:-0}" = 1 ]; then
   # Issue 6's figures in one run: PyTorch decoder vs native FP16 (eager with compaction, without it, and
   # from CUDA graphs), batch 1 (first 100 images) and batch 256 (all 986), beam 10. BENCH_CONFIGS narrows it.
   python3 benchmarks/bench_decoders.py --data /tmp/data/crohme/2014 --device cuda --batches 1,256 --limit-batch1 100 \
-    --configs "${BENCH_CONFIGS:-pytorch:fp32,native:fp16,native:fp16:fp32:fewrows,native:fp16:fp32:nocompact,native:fp16:fp32:graph,native:fp16:fp32:graph+fewrows,native:int8}" \
+    --configs "${BENCH_CONFIGS:-pytorch:fp32,native:fp16,native:fp16:fp32:fewrows+splitenergy,native:fp16:fp32:nocompact,native:fp16:fp32:graph,native:fp16:fp32:graph+fewrows+splitenergy,native:int8}" \
     --out "$OUT/decoders_bench.json" 2>&1 | tee "$OUT/decoders_bench.log" | tail -12
 fi
 # racecheck last: the slowest part (minutes for the default subset); RACE_K narrows it

@@ -73,6 +73,23 @@ def few_rows_linear(max_n: int = 32) -> Iterator[None]:
         _C.set_linear_rows_max_n(old)
 
 
+@contextlib.contextmanager
+def split_energy(max_splits: int = 16) -> Iterator[None]:
+    """Within the block, the CUDA coverage energy may run as up to ``max_splits`` channel slices, each its own
+    blocks, when rows x position tiles are too few blocks to fill the GPU (batch 1 x beam 10: 20 blocks on a
+    132-SM H200); softmax_context adds the slices' partial sums in order, so results stay deterministic.
+
+    Off by default until checked on a GPU; tests and benchmarks switch it on here. Process-wide, restored on
+    exit. Raises RuntimeError in a CPU-only build, ValueError outside 1..16."""
+    _C = load_extension()
+    old = _C.energy_max_splits()
+    _C.set_energy_max_splits(max_splits)
+    try:
+        yield
+    finally:
+        _C.set_energy_max_splits(old)
+
+
 def _resolve_device(device: torch.device | str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -312,6 +329,10 @@ class NativeDecoder:
         t.feats, t.uaf, t.coverage = feats.feats.data_ptr(), feats.uaf.data_ptr(), coverage.data_ptr()
         return t, [row_image, coverage]
 
+    def _energy_splits(self, N: int, L: int) -> int:
+        """Channel slices of the CUDA energy for N rows on L cells (``split_energy``); 1 on the CPU."""
+        return self._C.energy_splits(N, L, self.d) if self.device.type == "cuda" else 1
+
     def _call(self, fn, *args) -> None:
         dev = self.device.type
         if dev == "cuda":
@@ -372,7 +393,9 @@ class NativeDecoder:
             raise ValueError(f"prev_token values must be in [0, {self.K})")
         t.prev_token, t.hidden = prev.data_ptr(), hidden.data_ptr()
         n, d, m, L = self.n, self.d, self.m, feats.H * feats.W
-        sizes = {"gates": 3 * n, "h_hat": n, "wa": d, "energy": L, "gates2": 3 * n, "gates2u": 3 * n, "out_pre": m}
+        t.energy_splits = splits = self._energy_splits(N, L)
+        sizes = {"gates": 3 * n, "h_hat": n, "wa": d, "energy": splits * L, "gates2": 3 * n, "gates2u": 3 * n,
+                 "out_pre": m}
         scratch = self._empty(N * sum(sizes.values()))
         offset = 0
         for name, size in sizes.items():
@@ -400,7 +423,8 @@ class NativeDecoder:
         t, keep = self._tensors(feats, N, row_image, coverage)
         wa = self._state(wa, "wa", (N, self.d))
         t.wa = wa.data_ptr()
-        energy = self._empty(N, feats.H * feats.W)
+        t.energy_splits = splits = self._energy_splits(N, feats.H * feats.W)
+        energy = self._empty(splits, N, feats.H * feats.W)
         alpha, cov_out = self._empty(N, feats.H, feats.W), self._empty(N, feats.H, feats.W)
         context = self._empty(N, self.D)
         t.energy, t.alpha, t.coverage_out, t.context = (energy.data_ptr(), alpha.data_ptr(), cov_out.data_ptr(),

@@ -20,6 +20,9 @@ void decode_step_cuda(const DecoderWeights&, const StepTensors&, cudaStream_t) {
 void linear_cuda(const LinearWeights&, const float*, float*, int, bool, cudaStream_t) { no_cuda("linear_cuda"); }
 void set_linear_rows_max_n(int) { no_cuda("set_linear_rows_max_n"); }
 int linear_rows_max_n() { return 0; }
+void set_energy_max_splits(int) { no_cuda("set_energy_max_splits"); }
+int energy_max_splits() { return 1; }
+int energy_splits(int, int, int) { return 1; }
 void coverage_attention_cuda(const DecoderWeights&, const StepTensors&, cudaStream_t) {
   no_cuda("coverage_attention_cuda");
 }

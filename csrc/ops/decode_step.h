@@ -71,7 +71,7 @@ struct StepTensors {
   float* gates = nullptr;     // [N, 3n]
   float* h_hat = nullptr;     // [N, n]
   float* wa = nullptr;        // [N, d]
-  float* energy = nullptr;    // [N, L]
+  float* energy = nullptr;    // [N, L]; CUDA: [energy_splits, N, L] partial sums over channel slices
   float* gates2 = nullptr;    // [N, 3n]  W_c c
   float* gates2u = nullptr;   // [N, 3n]  U_h2 h_hat + b
   float* out_pre = nullptr;   // [N, m]
@@ -81,6 +81,7 @@ struct StepTensors {
   float* hidden_out = nullptr;   // [N, n]  h_t
   float* coverage_out = nullptr; // [N, L]  beta_{t+1} = beta_t + alpha_t
   float* log_probs = nullptr;    // [N, K]
+  int energy_splits = 1;         // CUDA: channel slices of the energy, each its own blocks (energy_splits())
 };
 
 // Checks sizes and pointers; throws std::invalid_argument naming the field.
@@ -98,6 +99,13 @@ void linear_cuda(const LinearWeights& lin, const float* x, float* y, int N, bool
 // a process-wide switch, off until that kernel has been checked on a GPU (see decode_step_cuda.cu).
 void set_linear_rows_max_n(int n);
 int linear_rows_max_n();
+// The CUDA energy may be split over up to this many channel slices (1..16; 1, the default, means never) when
+// N x position tiles is too few blocks to fill the GPU; off until checked on a GPU, like the above.
+void set_energy_max_splits(int s);
+int energy_max_splits();
+// The split count the CUDA step uses for N rows on an L-cell grid of attention width d (1 when off): the
+// caller sizes the energy scratch [splits, N, L] and passes it in StepTensors::energy_splits.
+int energy_splits(int N, int L, int d);
 // coverage attention: energy -> masked max-subtracted softmax -> alpha, context, coverage_out.
 // Reads wa, coverage, feats, uaf; writes energy, alpha, context, coverage_out.
 void coverage_attention_cpu(const DecoderWeights& w, const StepTensors& t);

@@ -234,6 +234,7 @@ void validate(const DecoderWeights& w, const StepTensors& t) {
   check_linear(w.W_oh, "W_oh", w.m, w.n, false);
   check_linear(w.W_o, "W_o", w.K, w.m / 2, true);
   check_attention_args(w, t);
+  ABM_CHECK(t.energy_splits >= 1 && t.energy_splits <= 16, "energy_splits must be in 1..16, got " << t.energy_splits);
   ABM_CHECK(static_cast<long long>(t.H) * t.W <= (1LL << 30), "H * W is too large: " << t.H << " x " << t.W);
   ABM_CHECK(t.prev_token && t.hidden, "prev_token and hidden must not be null");
   ABM_CHECK(t.gates && t.h_hat && t.gates2 && t.gates2u && t.out_pre,

@@ -150,6 +150,10 @@ void launch_linear_rows(const LinearWeights& lin, const WT* w, const float* x, f
 // against the reference (tests/test_native_ops.py runs both paths); set_linear_rows_max_n changes it.
 std::atomic<int> g_linear_rows_max_n{0};
 constexpr int kLinearRowsLimit = 32;
+// The energy's channel split (energy_splits below): off (1) until checked on a GPU.
+std::atomic<int> g_energy_max_splits{1};
+constexpr int kMaxEnergySplits = 16;
+constexpr long long kEnergyTargetBlocks = 264;
 
 // ---- GRU-1: h^ = z h + (1 - z) tanh(r (U_hh h) + yh), gates from U_h h and the token table -----------
 __global__ void gru1_kernel(const float* __restrict__ gates, const float* __restrict__ gy_table,
@@ -236,7 +240,7 @@ coverage_energy_tc_kernel(const FT* __restrict__ uaf, const float* __restrict__ 
                           const float* __restrict__ cov_b, const float* __restrict__ v,
                           const float* __restrict__ coverage, const int32_t* __restrict__ row_image,
                           const int32_t* __restrict__ hv, const int32_t* __restrict__ wv,
-                          float* __restrict__ energy, int H, int W, int d, int ks, int KP) {
+                          float* __restrict__ energy, int H, int W, int d, int ks, int KP, int splits) {
   using namespace nvcuda;
   constexpr bool kSplitB = std::is_same<FT, float>::value;   // FP32 weights need their residual too
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -256,6 +260,10 @@ coverage_energy_tc_kernel(const FT* __restrict__ uaf, const float* __restrict__ 
   const int vh = hv[img], vw = wv[img];
   const int half = ks / 2, PW = W + 2 * half, PH = H + 2 * half, taps = ks * ks;
   const int L = H * W, p0 = blockIdx.x * kTcPos;
+  // Split z of `splits` takes a slice of whole kTcChan-channel chunks, [c_begin, c_end), and writes its
+  // partial sum over them to energy slice z ([splits, N, L]); softmax_context adds the slices up.
+  const int z = blockIdx.z, chunks = (d + kTcChan - 1) / kTcChan;
+  const int c_begin = z * chunks / splits * kTcChan, c_end = min(d, (z + 1) * chunks / splits * kTcChan);
   const float* cov_r = coverage + (size_t)r * L;
   for (int e = tid; e < PH * PW; e += blockDim.x) {
     const int i = e / PW - half, j = e % PW - half;
@@ -289,18 +297,18 @@ coverage_energy_tc_kernel(const FT* __restrict__ uaf, const float* __restrict__ 
   const FT* uaf_p = uaf + ((size_t)img * L + (my_valid ? my_pos : 0)) * d;
   float* cw = cstage + warp * 16 * kTcLdC;
   float e_part = 0.f;
-  for (int c0 = 0; c0 < d; c0 += kTcChan) {
+  for (int c0 = c_begin; c0 < c_end; c0 += kTcChan) {
     __syncthreads();                                 // A is built; the previous B chunk is no longer read
     for (int e = tid; e < kTcChan * KP; e += blockDim.x) {
       const int cl = e / KP, k = e % KP, c = c0 + cl;
-      const float w = (c < d && k < taps) ? load_as_float(cov_w, c * taps + k) : 0.f;
+      const float w = (c < c_end && k < taps) ? load_as_float(cov_w, c * taps + k) : 0.f;
       const __half2 parts = split_half(w);
       b_hi[cl * ldb + k] = __low2half(parts);
       if (kSplitB) b_lo[cl * ldb + k] = __high2half(parts);
     }
     __syncthreads();
     if (!warp_busy) continue;
-    for (int nt = 0; nt < kTcChan / 16 && c0 + nt * 16 < d; ++nt) {
+    for (int nt = 0; nt < kTcChan / 16 && c0 + nt * 16 < c_end; ++nt) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.f);
       for (int kt = 0; kt < KP / 16; ++kt) {
@@ -324,7 +332,7 @@ coverage_energy_tc_kernel(const FT* __restrict__ uaf, const float* __restrict__ 
 #pragma unroll
         for (int q = 0; q < 8; ++q) {
           const int c = cbase + q;
-          if (c < d) {
+          if (c < c_end) {
             const float x = cw[(lane / 2) * kTcLdC + my_half * 8 + q] + base[c] + load_as_float(uaf_p, c);
             e_part = fmaf(vvec[c], tanhf(x), e_part);
           }
@@ -334,7 +342,8 @@ coverage_energy_tc_kernel(const FT* __restrict__ uaf, const float* __restrict__ 
     }
   }
   e_part += __shfl_xor_sync(0xffffffffu, e_part, 1);
-  if (my_half == 0 && my_pos < L) energy[(size_t)r * L + my_pos] = my_valid ? e_part : -INFINITY;
+  if (my_half == 0 && my_pos < L)
+    energy[((size_t)z * gridDim.y + r) * L + my_pos] = my_valid ? e_part : -INFINITY;
 }
 
 // ---- masked softmax, context and coverage update: one block per row ------------------------------------
@@ -342,7 +351,7 @@ template <typename FT>
 __global__ void softmax_context_kernel(const float* __restrict__ energy, const FT* __restrict__ feats,
                                        const float* __restrict__ coverage, const int32_t* __restrict__ row_image,
                                        float* __restrict__ alpha, float* __restrict__ context,
-                                       float* __restrict__ coverage_out, int L, int D) {
+                                       float* __restrict__ coverage_out, int L, int D, int splits) {
   // [L4] attention, L rounded up to a multiple of 4 and the tail zeroed: the compiler may read the
   // context loop's a_s[l] four at a time (seen under compute-sanitizer: a 16-byte read at a_s[64] for L = 65).
   extern __shared__ float a_s[];
@@ -350,8 +359,14 @@ __global__ void softmax_context_kernel(const float* __restrict__ energy, const F
   const int L4 = (L + 3) & ~3;
   const int r = blockIdx.x, img = row_image[r];
   const float* e = energy + (size_t)r * L;
+  const size_t slice = (size_t)gridDim.x * L;           // energy is [splits, N, L]: slices add up (in order)
+  auto energy_at = [&](int l) {
+    float v = e[l];
+    for (int z = 1; z < splits; ++z) v += e[z * slice + l];
+    return v;
+  };
   float mx = -INFINITY;
-  for (int l = threadIdx.x; l < L; l += blockDim.x) mx = fmaxf(mx, e[l]);
+  for (int l = threadIdx.x; l < L; l += blockDim.x) mx = fmaxf(mx, energy_at(l));
   mx = warp_max(mx);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
   __syncthreads();
@@ -365,7 +380,8 @@ __global__ void softmax_context_kernel(const float* __restrict__ energy, const F
   __syncthreads();
   float sum = 0.f;
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    const float p = e[l] == -INFINITY ? 0.f : expf(e[l] - mx);
+    const float el = energy_at(l);
+    const float p = el == -INFINITY ? 0.f : expf(el - mx);
     a_s[l] = p;
     sum += p;
   }
@@ -480,19 +496,40 @@ void launch_attention(const DecoderWeights& w, const StepTensors& t, cudaStream_
             "kernel: it needs " << smem << " bytes of shared memory per block, the device allows " << optin
             << " (downscale the image)");
   allow_dynamic_smem(reinterpret_cast<const void*>(coverage_energy_tc_kernel<FT>), smem, energy_limit);
-  dim3 grid(blocks_for(L, kTcPos), t.N);
+  const int chunks = (w.d + kTcChan - 1) / kTcChan;
+  ABM_CHECK(t.energy_splits >= 1 && t.energy_splits <= chunks, "energy_splits must be in 1.." << chunks
+            << " (channel chunks of d = " << w.d << "), got " << t.energy_splits);
+  dim3 grid(blocks_for(L, kTcPos), t.N, t.energy_splits);
   coverage_energy_tc_kernel<FT><<<grid, kTcWarps * 32, smem, s>>>(
       static_cast<const FT*>(t.uaf), t.wa, static_cast<const FT*>(w.cov_w), w.cov_b, w.v, t.coverage,
-      t.row_image, t.hv, t.wv, t.energy, t.H, t.W, w.d, w.ksize, tc_taps_padded(w.ksize));
+      t.row_image, t.hv, t.wv, t.energy, t.H, t.W, w.d, w.ksize, tc_taps_padded(w.ksize), t.energy_splits);
   ABM_CUDA_CHECK(cudaGetLastError());
   const size_t smem2 = sizeof(float) * (size_t)((L + 3) & ~3);
   allow_dynamic_smem(reinterpret_cast<const void*>(softmax_context_kernel<FT>), smem2, context_limit);
   softmax_context_kernel<FT><<<t.N, 256, smem2, s>>>(t.energy, static_cast<const FT*>(t.feats), t.coverage,
-                                                     t.row_image, t.alpha, t.context, t.coverage_out, L, w.D);
+                                                     t.row_image, t.alpha, t.context, t.coverage_out, L, w.D,
+                                                     t.energy_splits);
   ABM_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
+
+void set_energy_max_splits(int s) {
+  ABM_CHECK(s >= 1 && s <= kMaxEnergySplits, "energy_max_splits must be in 1.." << kMaxEnergySplits << ", got " << s);
+  g_energy_max_splits.store(s);
+}
+
+int energy_max_splits() { return g_energy_max_splits.load(); }
+
+int energy_splits(int N, int L, int d) {
+  // Double the slices while the grid has fewer blocks than ~2 waves of a 132-SM GPU, within the limit and
+  // the channel chunks (every slice keeps at least one chunk).
+  const int max_s = g_energy_max_splits.load(std::memory_order_relaxed), chunks = (d + kTcChan - 1) / kTcChan;
+  const long long blocks = (long long)blocks_for(L, kTcPos) * N;
+  int s = 1;
+  while (s * 2 <= max_s && s * 2 <= chunks && blocks * s < kEnergyTargetBlocks) s *= 2;
+  return s;
+}
 
 void set_linear_rows_max_n(int n) {
   ABM_CHECK(n >= 0 && n <= kLinearRowsLimit, "linear_rows_max_n must be in 0.." << kLinearRowsLimit << ", got " << n);
