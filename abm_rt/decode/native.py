@@ -58,36 +58,34 @@ def is_available(device: torch.device | str = "cpu") -> bool:
 
 
 @contextlib.contextmanager
-def few_rows_linear(max_n: int = 32) -> Iterator[None]:
+def _process_switch(name: str, value: int) -> Iterator[None]:
+    """Set the extension's process-wide switch ``name`` (``set_<name>`` / ``<name>``) in a block, then restore it."""
+    _C = load_extension()
+    old = getattr(_C, name)()
+    getattr(_C, f"set_{name}")(value)
+    try:
+        yield
+    finally:
+        getattr(_C, f"set_{name}")(old)
+
+
+def few_rows_linear(max_n: int = 32) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CUDA linears of N <= ``max_n`` rows take the one-warp-per-output kernel.
 
     That kernel (``linear_rows_kernel``, for batch 1-3 x beam 10) is off by default until it has been checked
     on a GPU against the reference; tests and benchmarks switch it on here. Process-wide, restored on exit.
     Raises RuntimeError in a CPU-only build, ValueError outside 0..32."""
-    _C = load_extension()
-    old = _C.linear_rows_max_n()
-    _C.set_linear_rows_max_n(max_n)
-    try:
-        yield
-    finally:
-        _C.set_linear_rows_max_n(old)
+    return _process_switch("linear_rows_max_n", max_n)
 
 
-@contextlib.contextmanager
-def split_energy(max_splits: int = 16) -> Iterator[None]:
+def split_energy(max_splits: int = 16) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CUDA coverage energy may run as up to ``max_splits`` channel slices, each its own
     blocks, when rows x position tiles are too few blocks to fill the GPU (batch 1 x beam 10: 20 blocks on a
     132-SM H200); softmax_context adds the slices' partial sums in order, so results stay deterministic.
 
     Off by default until checked on a GPU; tests and benchmarks switch it on here. Process-wide, restored on
     exit. Raises RuntimeError in a CPU-only build, ValueError outside 1..16."""
-    _C = load_extension()
-    old = _C.energy_max_splits()
-    _C.set_energy_max_splits(max_splits)
-    try:
-        yield
-    finally:
-        _C.set_energy_max_splits(old)
+    return _process_switch("energy_max_splits", max_splits)
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:
