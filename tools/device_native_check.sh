@@ -72,6 +72,13 @@ if [ "${REAL:-0}" = 1 ]; then   # memcheck + racecheck of the native CUDA search
         > "$OUT/sanitizer_real_racecheck_$prec.log" 2>&1
       echo "real features racecheck $prec (${only_ours[*]:-all kernels}) rc=$?"; tail -2 "$OUT/sanitizer_real_racecheck_$prec.log"
     done
+    # batch 1 with the small-batch kernels (few-rows linear, split energy): the case they are for
+    python3 tools/sanitize_native_search.py features /tmp/data/crohme/2014 --limit 4 --batch-size 1 --precision fp16 \
+      --out /tmp/real_feats_b1.pt | tail -1
+    timeout "${REAL_TIMEOUT:-240}" compute-sanitizer --tool racecheck "${only_ours[@]}" --print-limit 20 \
+      python3 tools/sanitize_native_search.py search /tmp/real_feats_b1.pt --small-batch-kernels \
+      > "$OUT/sanitizer_real_racecheck_b1_small.log" 2>&1
+    echo "real features racecheck b1 small-batch kernels rc=$?"; tail -2 "$OUT/sanitizer_real_racecheck_b1_small.log"
   fi
 fi
 if [ -n "${GDB:-}" ]; then   # GDB="-k EXPR": a host backtrace of a crashing test (cuda-gdb debugs host code too)

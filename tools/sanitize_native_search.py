@@ -15,6 +15,7 @@ alone on those features and checks it gives the same tokens; it exits 1 if any i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -23,37 +24,41 @@ import torch
 from abm_rt import Recognizer
 from abm_rt.data.buckets import pad_batch, size_batches
 from abm_rt.data.images import load_image
-from abm_rt.decode.native import NativeDecoder
+from abm_rt.decode.native import NativeDecoder, few_rows_linear, split_energy
 from abm_rt.decode.native_search import native_beam_search
 
 
-def _decoder(rec: Recognizer) -> NativeDecoder:
-    return NativeDecoder(rec.model.l2r, rec.device, weight_dtype=rec.decoder_precision,
-                         feat_dtype="fp32" if rec.decoder_precision == "fp32" else "fp16")
+def _decoder(rec: Recognizer, device: str, precision: str) -> NativeDecoder:
+    """The native decoder of ``rec``'s engine on ``device``; its tables are computed where ``rec``'s model is."""
+    return NativeDecoder(rec.model.l2r, device, weight_dtype=precision,
+                         feat_dtype="fp32" if precision == "fp32" else "fp16")
 
 
-def _search(rec: Recognizer, dec: NativeDecoder, feats: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+def _search(dec: NativeDecoder, beam: int, max_len: int, feats: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """Token ids of the native search, as the recognizer runs it (compaction on, host check every 4 steps)."""
-    seqs = native_beam_search(dec, feats.to(rec.device), mask.to(rec.device), rec.beam_size, max_len=rec.max_len,
-                              check_every=4 if rec.device.type == "cuda" else 1, compact=True)
+    seqs = native_beam_search(dec, feats.to(dec.device), mask.to(dec.device), beam, max_len=max_len,
+                              check_every=4 if dec.device.type == "cuda" else 1, compact=True)
     return [list(s.tokens) for s in seqs]
 
 
 def features(args: argparse.Namespace) -> int:
     """Encode the images and save features, masks and the reference tokens."""
-    rec = Recognizer(device=args.device, decoder="native", beam_size=args.beam, decoder_precision=args.precision)
+    rec = Recognizer(device=args.device, decoder="native", beam_size=args.beam, decoder_precision=args.precision,
+                     max_batch_size=args.batch_size)
     paths = sorted(Path(args.dir).glob("*.png"))[: args.limit]
     if not paths:
         raise SystemExit(f"no *.png images in {args.dir}")
     pixels = [load_image(str(p), rec.image_options).pixels for p in paths]
     groups = size_batches([p.shape for p in pixels], rec.max_batch_size, rec.max_batch_pixels)
-    batches, dec = [], _decoder(rec)
+    # The decoder is built from a CPU copy of the model, as `search` builds it: the same tables to the bit.
+    cpu_rec = Recognizer(device="cpu", decoder="pytorch", beam_size=args.beam, encoder_backend="pytorch")
+    batches, dec = [], _decoder(cpu_rec, args.device, args.precision)
     with torch.inference_mode():
         for group in groups:
             x, pixel_mask = pad_batch([pixels[i] for i in group], multiple=16)
             feats, mask = rec.encoder.encode(x, pixel_mask)
             batches.append({"names": [paths[i].name for i in group], "features": feats.cpu(), "mask": mask.cpu(),
-                            "tokens": _search(rec, dec, feats, mask)})
+                            "tokens": _search(dec, rec.beam_size, rec.max_len, feats, mask)})
     torch.save({"device": args.device, "beam": args.beam, "precision": args.precision, "batches": batches}, args.out)
     print(f"{len(paths)} images in {len(batches)} batches -> {args.out}")
     return 0
@@ -62,19 +67,24 @@ def features(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     """Run only the native search on saved features; compare with the saved tokens."""
     saved = torch.load(args.file, weights_only=True)
-    rec = Recognizer(device=args.device, decoder="native", beam_size=saved["beam"],
-                     decoder_precision=saved["precision"], encoder_backend="pytorch")
+    # The model stays on the CPU: the decoder's tables (and the folded coverage kernel) are computed there, so
+    # this process runs no cuDNN on the GPU; only U_a F, the initial state and our kernels run there.
+    rec = Recognizer(device="cpu", decoder="pytorch", beam_size=saved["beam"], encoder_backend="pytorch")
     same = total = 0
-    dec = _decoder(rec)
-    with torch.inference_mode():
+    dec = _decoder(rec, args.device, saved["precision"])
+    switches = contextlib.ExitStack()
+    if args.small_batch_kernels:
+        switches.enter_context(few_rows_linear(32))
+        switches.enter_context(split_energy(16))
+    with switches, torch.inference_mode():
         for b in saved["batches"]:
-            got = _search(rec, dec, b["features"], b["mask"])
+            got = _search(dec, rec.beam_size, rec.max_len, b["features"], b["mask"])
             for name, want, have in zip(b["names"], b["tokens"], got):
                 total += 1
                 same += want == have
                 if want != have:
                     print(f"{name}: tokens differ from the run without a sanitizer")
-    print(f"native search on {rec.device} ({saved['precision']}): same tokens for {same} of {total} images")
+    print(f"native search on {dec.device} ({saved['precision']}): same tokens for {same} of {total} images")
     return 0 if same == total else 1
 
 
@@ -89,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     f.add_argument("--beam", type=int, default=10, help="beam width (default 10)")
     f.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="native decoder weights")
+    f.add_argument("--batch-size", type=int, default=16, help="images per batch at most (default 16)")
     s = sub.add_parser("search", help="run only the native search on saved features and compare the tokens")
     s.add_argument("file", help="the output of `features`")
     s.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    s.add_argument("--small-batch-kernels", action="store_true",
+                   help="the CUDA small-batch kernels (few-rows linear, split energy), off by default until validated")
     args = p.parse_args(argv)
     return features(args) if args.cmd == "features" else search(args)
 
