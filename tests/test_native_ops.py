@@ -401,9 +401,10 @@ def test_energy_split_count_and_switch():
 
 
 def test_cpu_step_ignores_energy_splits():
-    """The CPU twin sizes nothing by energy_splits (it is CUDA's), and validate bounds it."""
+    """The CPU twin sizes nothing by energy_splits (it is CUDA's): its StepTensors say 1."""
     dec, feats, x = _valid_call()
-    assert dec._energy_splits(x["prev"].shape[0], feats.H * feats.W) == 1
+    t, _ = dec._tensors(feats, x["prev"].shape[0], x["rows"], x["coverage"])
+    assert t.energy_splits == 1
 
 
 @pytest.mark.skipif(not _C.built_with_cuda(), reason="a CPU-only build has no CUDA linear to switch")

@@ -22,15 +22,17 @@ from pathlib import Path
 import torch
 
 from abm_rt import Recognizer
+from abm_rt.recognizer import load_default_engine
 from abm_rt.data.buckets import pad_batch, size_batches
 from abm_rt.data.images import load_image
 from abm_rt.decode.native import NativeDecoder, few_rows_linear, split_energy
 from abm_rt.decode.native_search import native_beam_search
 
 
-def _decoder(rec: Recognizer, device: str, precision: str) -> NativeDecoder:
-    """The native decoder of ``rec``'s engine on ``device``; its tables are computed where ``rec``'s model is."""
-    return NativeDecoder(rec.model.l2r, device, weight_dtype=precision,
+def _decoder(device: str, precision: str) -> NativeDecoder:
+    """The bundled engine's native decoder on ``device``, its tables computed from the CPU model: the same tables
+    to the bit in both processes, and no cuDNN on the GPU for them."""
+    return NativeDecoder(load_default_engine().model.l2r, device, weight_dtype=precision,
                          feat_dtype="fp32" if precision == "fp32" else "fp16")
 
 
@@ -50,16 +52,15 @@ def features(args: argparse.Namespace) -> int:
         raise SystemExit(f"no *.png images in {args.dir}")
     pixels = [load_image(str(p), rec.image_options).pixels for p in paths]
     groups = size_batches([p.shape for p in pixels], rec.max_batch_size, rec.max_batch_pixels)
-    # The decoder is built from a CPU copy of the model, as `search` builds it: the same tables to the bit.
-    cpu_rec = Recognizer(device="cpu", decoder="pytorch", beam_size=args.beam, encoder_backend="pytorch")
-    batches, dec = [], _decoder(cpu_rec, args.device, args.precision)
+    batches, dec = [], _decoder(args.device, args.precision)
     with torch.inference_mode():
         for group in groups:
             x, pixel_mask = pad_batch([pixels[i] for i in group], multiple=16)
             feats, mask = rec.encoder.encode(x, pixel_mask)
             batches.append({"names": [paths[i].name for i in group], "features": feats.cpu(), "mask": mask.cpu(),
                             "tokens": _search(dec, rec.beam_size, rec.max_len, feats, mask)})
-    torch.save({"device": args.device, "beam": args.beam, "precision": args.precision, "batches": batches}, args.out)
+    torch.save({"device": args.device, "beam": args.beam, "max_len": rec.max_len, "precision": args.precision,
+                "batches": batches}, args.out)
     print(f"{len(paths)} images in {len(batches)} batches -> {args.out}")
     return 0
 
@@ -67,18 +68,16 @@ def features(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     """Run only the native search on saved features; compare with the saved tokens."""
     saved = torch.load(args.file, weights_only=True)
-    # The model stays on the CPU: the decoder's tables (and the folded coverage kernel) are computed there, so
-    # this process runs no cuDNN on the GPU; only U_a F, the initial state and our kernels run there.
-    rec = Recognizer(device="cpu", decoder="pytorch", beam_size=saved["beam"], encoder_backend="pytorch")
+    # Only U_a F, the initial state and our kernels run on the GPU in this process.
     same = total = 0
-    dec = _decoder(rec, args.device, saved["precision"])
+    dec = _decoder(args.device, saved["precision"])
     switches = contextlib.ExitStack()
     if args.small_batch_kernels:
         switches.enter_context(few_rows_linear(32))
         switches.enter_context(split_energy(16))
     with switches, torch.inference_mode():
         for b in saved["batches"]:
-            got = _search(dec, rec.beam_size, rec.max_len, b["features"], b["mask"])
+            got = _search(dec, saved["beam"], saved["max_len"], b["features"], b["mask"])
             for name, want, have in zip(b["names"], b["tokens"], got):
                 total += 1
                 same += want == have

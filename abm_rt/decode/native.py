@@ -323,13 +323,11 @@ class NativeDecoder:
             raise ValueError(f"row_image values must be in [0, {feats.B})")
         t = self._C.StepTensors()
         t.N, t.B, t.H, t.W = N, feats.B, feats.H, feats.W
+        # CUDA: the energy scratch holds this many [N, L] channel slices (``split_energy``); the CPU ignores it
+        t.energy_splits = self._C.energy_splits(N, L, self.d) if self.device.type == "cuda" else 1
         t.row_image, t.hv, t.wv = row_image.data_ptr(), feats.hv.data_ptr(), feats.wv.data_ptr()
         t.feats, t.uaf, t.coverage = feats.feats.data_ptr(), feats.uaf.data_ptr(), coverage.data_ptr()
         return t, [row_image, coverage]
-
-    def _energy_splits(self, N: int, L: int) -> int:
-        """Channel slices of the CUDA energy for N rows on L cells (``split_energy``); 1 on the CPU."""
-        return self._C.energy_splits(N, L, self.d) if self.device.type == "cuda" else 1
 
     def _call(self, fn, *args) -> None:
         dev = self.device.type
@@ -391,8 +389,7 @@ class NativeDecoder:
             raise ValueError(f"prev_token values must be in [0, {self.K})")
         t.prev_token, t.hidden = prev.data_ptr(), hidden.data_ptr()
         n, d, m, L = self.n, self.d, self.m, feats.H * feats.W
-        t.energy_splits = splits = self._energy_splits(N, L)
-        sizes = {"gates": 3 * n, "h_hat": n, "wa": d, "energy": splits * L, "gates2": 3 * n, "gates2u": 3 * n,
+        sizes = {"gates": 3 * n, "h_hat": n, "wa": d, "energy": t.energy_splits * L, "gates2": 3 * n, "gates2u": 3 * n,
                  "out_pre": m}
         scratch = self._empty(N * sum(sizes.values()))
         offset = 0
@@ -421,8 +418,7 @@ class NativeDecoder:
         t, keep = self._tensors(feats, N, row_image, coverage)
         wa = self._state(wa, "wa", (N, self.d))
         t.wa = wa.data_ptr()
-        t.energy_splits = splits = self._energy_splits(N, feats.H * feats.W)
-        energy = self._empty(splits, N, feats.H * feats.W)
+        energy = self._empty(t.energy_splits, N, feats.H * feats.W)
         alpha, cov_out = self._empty(N, feats.H, feats.W), self._empty(N, feats.H, feats.W)
         context = self._empty(N, self.D)
         t.energy, t.alpha, t.coverage_out, t.context = (energy.data_ptr(), alpha.data_ptr(), cov_out.data_ptr(),

@@ -97,8 +97,8 @@ __global__ void linear_kernel(const float* __restrict__ x, const WT* __restrict_
 
 // ---- linear for few rows (N <= 32: batch 1-3 x beam 10): one warp per output ------------------------
 // The 64 x 64 tiled kernel above leaves most of the GPU idle when N is small: at batch 1 x beam 10 the
-// W_c product (768 x 684) is 12 blocks, each walking K in 43 synchronised chunks; on an H200 the step's
-// seven linears took 213 us of its ~470 us of kernel time. Here each warp reads one weight row once,
+// W_c product (768 x 684) is 12 blocks, each walking K in 43 synchronised chunks; on an H200 the FP16 step's
+// seven linears took 231 us of its 449 us of kernel time (profile_native_step_H200_tc-energy_2026-12-02.json). Here each warp reads one weight row once,
 // coalesced, and keeps one FP32 accumulator per input row in registers (MAXN of them); x [N, in] is
 // small (<= 32 x 684 floats) and stays in L1/L2. Lane-strided partial sums, then a butterfly sum.
 constexpr int kRowsWarps = 8;
