@@ -13,6 +13,7 @@
 # Logs go to $OUT (commit them under tests/logs/; the benchmark JSON under benchmarks/results/).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # tools/*.py import abm_rt from the tree (not pip-installed there)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 SANITIZE_K="cuda and (step_fp32 and full-grid1-3 or coverage_attention and full-grid1-fp16 or linear and 113x128x5-int8) \
