@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from abm_rt import Recognizer  # noqa: E402
 from abm_rt.data.crohme import read_captions  # noqa: E402
-from abm_rt.decode.native import few_rows_linear, split_energy  # noqa: E402
+from abm_rt.decode.native import few_rows_linear, split_energy, tiled_kernels  # noqa: E402
 from abm_rt.metrics import score_predictions  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
 
@@ -35,12 +35,15 @@ def run_config(decoder: str, precision: str, paths: list[str], batch: int, devic
 
     ``encoder_precision="fp16"`` swaps in the PyTorch CUDA encoder in FP16 (issue 5's parity row).
     ``flags``: "graph" (native search from CUDA graphs), "nocompact" (finished images stay in the batch),
+    "tiled" (the CUDA small-batch kernels off, ``native.tiled_kernels``: the tiled kernels at every N),
     "fewrows" (CUDA linears of <= 32 rows on the one-warp-per-output kernel, ``native.few_rows_linear``),
-    "splitenergy" (the CUDA energy in channel slices at small N, ``native.split_energy``)."""
-    unknown = set(flags) - {"graph", "nocompact", "fewrows", "splitenergy"}
+    "splitenergy" (the CUDA energy in channel slices at small N, ``native.split_energy``). The last two are the
+    defaults since 2026-12-02; after "tiled" they turn one of them back on."""
+    unknown = set(flags) - {"graph", "nocompact", "tiled", "fewrows", "splitenergy"}
     if unknown:
         raise ValueError(f"unknown flags {sorted(unknown)}")
-    switches = {"fewrows": lambda: few_rows_linear(32), "splitenergy": lambda: split_energy(16)}
+    # in this order, each nested in the one before: "tiled" first, so that the others override it
+    switches = {"tiled": tiled_kernels, "fewrows": lambda: few_rows_linear(32), "splitenergy": lambda: split_energy(16)}
     for flag, switch in switches.items():
         if flag in flags:
             with switch():
@@ -74,7 +77,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N images at every batch size")
     ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS),
                     help="comma separated DECODER:PRECISION[:ENCODER_PRECISION[:FLAG+FLAG]] (encoder fp32 unless "
-                         "given; flags: graph, nocompact, fewrows, splitenergy)")
+                         "given; flags: graph, nocompact, tiled, fewrows, splitenergy)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data = Path(args.data)

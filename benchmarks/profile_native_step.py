@@ -78,14 +78,14 @@ def main() -> int:
     ap.add_argument("--precisions", default="fp32,fp16,int8")
     ap.add_argument("--beam", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--small-batch-kernels", action="store_true",
-                    help="the CUDA small-batch kernels, off by default until checked: linears of <= 32 rows one warp "
-                         "per output (native.few_rows_linear), the energy in channel slices (native.split_energy)")
+    ap.add_argument("--tiled-kernels", action="store_true",
+                    help="turn the CUDA small-batch kernels off (native.tiled_kernels): by default linears of <= 32 "
+                         "rows run one warp per output and the energy may be split into channel slices")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if args.small_batch_kernels:                        # process-wide (see abm_rt.decode.native)
-        load_extension().set_linear_rows_max_n(32)
-        load_extension().set_energy_max_splits(16)
+    if args.tiled_kernels:                              # process-wide (see abm_rt.decode.native)
+        load_extension().set_linear_rows_max_n(0)
+        load_extension().set_energy_max_splits(1)
     model = load_engine(default_engine_path()).model.eval()
     with profile(activities=[ProfilerActivity.CPU]):   # the profiler's own start-up (~0.4 s) stays out of row 1
         pass
@@ -98,7 +98,7 @@ def main() -> int:
     headline = {f"{r['precision']} N{r['N']} {r['H']}x{r['W']} ms/step": r["wall_ms_per_step (profiler on)"]
                 for r in rows}
     out = write_result("profile_native_step", args.device, {"rows": rows, "headline": headline,
-                                                          "small_batch_kernels": args.small_batch_kernels}, args.out)
+                                                          "small_batch_kernels": not args.tiled_kernels}, args.out)
     print(out)
     return 0
 

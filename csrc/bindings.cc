@@ -170,13 +170,13 @@ PYBIND11_MODULE(_C, m) {
       "y[N, out] = x[N, in] W^T * scale + bias (+ y when accumulate); x and y are float32 pointers.");
 
   m.def("set_linear_rows_max_n", &set_linear_rows_max_n, py::arg("n"),
-        "CUDA linear: use the one-warp-per-output kernel for N <= n rows (0..32; 0 = never, the default until\n"
-        "that kernel is validated on a GPU). Process-wide. RuntimeError in a CPU-only build.");
-  m.def("linear_rows_max_n", &linear_rows_max_n, "The current set_linear_rows_max_n threshold (0 = off).");
+        "CUDA linear: use the one-warp-per-output kernel for N <= n rows (0..32; 0 = never; default 32).\n"
+        "Process-wide. RuntimeError in a CPU-only build.");
+  m.def("linear_rows_max_n", &linear_rows_max_n, "The current set_linear_rows_max_n threshold (0 = off; 0 in a CPU-only build).");
   m.def("set_energy_max_splits", &set_energy_max_splits, py::arg("s"),
-        "CUDA energy: allow up to s channel slices (1..16; 1 = never split, the default until the split kernel is\n"
-        "validated on a GPU). Process-wide. RuntimeError in a CPU-only build.");
-  m.def("energy_max_splits", &energy_max_splits, "The current set_energy_max_splits limit (1 = off).");
+        "CUDA energy: allow up to s channel slices (1..16; 1 = never split; default 16).\n"
+        "Process-wide. RuntimeError in a CPU-only build.");
+  m.def("energy_max_splits", &energy_max_splits, "The current set_energy_max_splits limit (1 = off; 1 in a CPU-only build).");
   m.def("energy_splits", &energy_splits, py::arg("N"), py::arg("L"), py::arg("d"),
         "How many channel slices the CUDA energy uses for N rows, L cells and attention width d (1 when off or\n"
         "in a CPU-only build); size StepTensors.energy for that many [N, L] slices and set energy_splits.");

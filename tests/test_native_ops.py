@@ -229,18 +229,16 @@ def test_threads_agree():
 
 # ---- the ops one by one ---------------------------------------------------------------------------
 def kernel_path(path: str, device: str):
-    """The CUDA kernels under test: the defaults ("tiled"), or the small-batch ones, off by default until
-    validated: "few-rows" (linear, one warp per output, N <= 32), "split-energy" (the coverage energy in
-    channel slices), "small-batch" (both)."""
-    if path == "tiled":
-        return contextlib.nullcontext()
+    """The CUDA kernels under test, each path set explicitly (the defaults are "small-batch"): "tiled" (no
+    small-batch kernel), "few-rows" (linear, one warp per output, N <= 32), "split-energy" (the coverage energy
+    in channel slices), "small-batch" (both). The CPU twin has one path: "tiled" stands for it."""
     if device != "cuda":
-        pytest.skip(f"the {path} kernels are CUDA's")
+        if path != "tiled":
+            pytest.skip(f"the {path} kernels are CUDA's")
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    if path in ("few-rows", "small-batch"):
-        stack.enter_context(native.few_rows_linear(32))
-    if path in ("split-energy", "small-batch"):
-        stack.enter_context(native.split_energy(16))
+    stack.enter_context(native.few_rows_linear(32 if path in ("few-rows", "small-batch") else 0))
+    stack.enter_context(native.split_energy(16 if path in ("split-energy", "small-batch") else 1))
     return stack
 
 
@@ -386,15 +384,18 @@ def test_cpu_only_build_says_so():
 
 @pytest.mark.skipif(not _C.built_with_cuda(), reason="a CPU-only build has no CUDA energy to split")
 def test_energy_split_count_and_switch():
-    """Off (1 slice) by default; on, slices double while the grid is short of ~2 waves of blocks, bounded by
-    the limit and by the channel chunks; split_energy puts the limit back (no GPU needed)."""
-    assert _C.energy_max_splits() == 1 and _C.energy_splits(10, 144, 512) == 1
-    with native.split_energy(16):
-        assert [_C.energy_splits(N, 144, 512) for N in (10, 30, 100, 2560)] == [16, 8, 2, 1]
-        assert _C.energy_splits(10, 144, 40) == 2          # d = 40: two 32-channel chunks
+    """On (up to 16 slices) by default: slices double while the grid is short of ~2 waves of blocks, bounded by
+    the limit and by the channel chunks; split_energy(1) turns it off and puts the limit back (no GPU needed)."""
+    assert _C.energy_max_splits() == 16
+    assert [_C.energy_splits(N, 144, 512) for N in (10, 30, 100, 2560)] == [16, 8, 2, 1]
+    assert _C.energy_splits(10, 144, 40) == 2              # d = 40: two 32-channel chunks
     with native.split_energy(4):
         assert _C.energy_splits(10, 144, 512) == 4
-    assert _C.energy_max_splits() == 1
+    with native.split_energy(1):
+        assert _C.energy_splits(10, 144, 512) == 1
+    with native.tiled_kernels():
+        assert _C.energy_splits(10, 144, 512) == 1 and _C.linear_rows_max_n() == 0
+    assert _C.energy_max_splits() == 16
     for bad in (0, 17):
         with pytest.raises(ValueError, match="energy_max_splits"):
             _C.set_energy_max_splits(bad)
@@ -409,12 +410,15 @@ def test_cpu_step_ignores_energy_splits():
 
 @pytest.mark.skipif(not _C.built_with_cuda(), reason="a CPU-only build has no CUDA linear to switch")
 def test_few_rows_switch_is_bounded_and_restored():
-    """The few-rows threshold is off by default, takes 0..32, and few_rows_linear puts it back (no GPU needed)."""
-    assert _C.linear_rows_max_n() == 0
+    """The few-rows threshold is 32 by default, takes 0..32 (0: off), and few_rows_linear puts it back (no GPU
+    needed)."""
+    assert _C.linear_rows_max_n() == 32
     with native.few_rows_linear(16):
         assert _C.linear_rows_max_n() == 16
-    assert _C.linear_rows_max_n() == 0
+    with native.few_rows_linear(0):
+        assert _C.linear_rows_max_n() == 0
+    assert _C.linear_rows_max_n() == 32
     for bad in (-1, 33):
         with pytest.raises(ValueError, match="linear_rows_max_n"):
             _C.set_linear_rows_max_n(bad)
-    assert _C.linear_rows_max_n() == 0
+    assert _C.linear_rows_max_n() == 32

@@ -43,11 +43,19 @@ def test_same_results_as_batched_search(device, k, eos_bias):
 @pytest.mark.parametrize("B, k", [(1, 10), (2, 3), (4, 10)])
 @pytest.mark.parametrize("eos_bias", [4.0, 8.0])
 def test_small_batch_kernels_same_results_as_batched_search(B, k, eos_bias):
-    """The same with the CUDA small-batch kernels (few-rows linear, split energy): N = B k <= 32 uses the
-    few-rows linear from the start; at B 4 x k 10 the search starts on the tiled one (N 40) and moves over as
-    compaction shrinks the batch, and the energy's slice count changes with N."""
+    """The same with the CUDA small-batch kernels (few-rows linear, split energy; the defaults, set explicitly
+    here): N = B k <= 32 uses the few-rows linear from the start; at B 4 x k 10 the search starts on the tiled
+    one (N 40) and moves over as compaction shrinks the batch, and the energy's slice count changes with N."""
     with native.few_rows_linear(32), native.split_energy(16):
         _check_same_as_batched("cuda", k, eos_bias, B)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("B, k", [(1, 10), (2, 3), (4, 10)])
+def test_tiled_kernels_same_results_as_batched_search(B, k):
+    """The same with the small-batch kernels off (``native.tiled_kernels``): the tiled kernels at every N."""
+    with native.tiled_kernels():
+        _check_same_as_batched("cuda", k, 4.0, B)
 
 
 def _check_same_as_batched(device: str, k: int, eos_bias: float, B: int = 4) -> None:

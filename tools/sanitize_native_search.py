@@ -25,7 +25,7 @@ from abm_rt import Recognizer
 from abm_rt.recognizer import load_default_engine
 from abm_rt.data.buckets import pad_batch, size_batches
 from abm_rt.data.images import load_image
-from abm_rt.decode.native import NativeDecoder, few_rows_linear, split_energy
+from abm_rt.decode.native import NativeDecoder, tiled_kernels
 from abm_rt.decode.native_search import native_beam_search
 
 
@@ -72,9 +72,8 @@ def search(args: argparse.Namespace) -> int:
     same = total = 0
     dec = _decoder(args.device, saved["precision"])
     switches = contextlib.ExitStack()
-    if args.small_batch_kernels:
-        switches.enter_context(few_rows_linear(32))
-        switches.enter_context(split_energy(16))
+    if args.tiled_kernels:
+        switches.enter_context(tiled_kernels())
     with switches, torch.inference_mode():
         for b in saved["batches"]:
             got = _search(dec, saved["beam"], saved["max_len"], b["features"], b["mask"])
@@ -102,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("search", help="run only the native search on saved features and compare the tokens")
     s.add_argument("file", help="the output of `features`")
     s.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    s.add_argument("--small-batch-kernels", action="store_true",
-                   help="the CUDA small-batch kernels (few-rows linear, split energy), off by default until validated")
+    s.add_argument("--tiled-kernels", action="store_true",
+                   help="turn the CUDA small-batch kernels (few-rows linear, split energy; on by default) off")
     args = p.parse_args(argv)
     return features(args) if args.cmd == "features" else search(args)
 

@@ -72,8 +72,8 @@ def _process_switch(name: str, value: int) -> Iterator[None]:
 def few_rows_linear(max_n: int = 32) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CUDA linears of N <= ``max_n`` rows take the one-warp-per-output kernel.
 
-    That kernel (``linear_rows_kernel``, for batch 1-3 x beam 10) is off by default until it has been checked
-    on a GPU against the reference; tests and benchmarks switch it on here. Process-wide, restored on exit.
+    That kernel (``linear_rows_kernel``, for batch 1-3 x beam 10) is on by default for N <= 32; ``max_n`` 0 turns
+    it off (the tiled kernel for every N), as ``tiled_kernels`` does. Process-wide, restored on exit.
     Raises RuntimeError in a CPU-only build, ValueError outside 0..32."""
     return _process_switch("linear_rows_max_n", max_n)
 
@@ -83,9 +83,18 @@ def split_energy(max_splits: int = 16) -> contextlib.AbstractContextManager[None
     blocks, when rows x position tiles are too few blocks to fill the GPU (batch 1 x beam 10: 20 blocks on a
     132-SM H200); softmax_context adds the slices' partial sums in order, so results stay deterministic.
 
-    Off by default until checked on a GPU; tests and benchmarks switch it on here. Process-wide, restored on
-    exit. Raises RuntimeError in a CPU-only build, ValueError outside 1..16."""
+    On by default (16); ``max_splits`` 1 turns it off. Process-wide, restored on exit. Raises RuntimeError in a
+    CPU-only build, ValueError outside 1..16."""
     return _process_switch("energy_max_splits", max_splits)
+
+
+@contextlib.contextmanager
+def tiled_kernels() -> Iterator[None]:
+    """Within the block, the CUDA step runs without its small-batch kernels (no few-rows linear, no energy
+    split): the tiled kernels for every batch, as before those were validated. For tests and benchmarks that
+    compare both paths. Process-wide, restored on exit; RuntimeError in a CPU-only build."""
+    with few_rows_linear(0), split_energy(1):
+        yield
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:

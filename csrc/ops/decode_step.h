@@ -95,12 +95,12 @@ void decode_step_cuda(const DecoderWeights& w, const StepTensors& t, cudaStream_
 // linear: y[N, out] = x[N, in] W^T * scale + bias (+ y when accumulate).
 void linear_cpu(const LinearWeights& lin, const float* x, float* y, int N, bool accumulate);
 void linear_cuda(const LinearWeights& lin, const float* x, float* y, int N, bool accumulate, cudaStream_t s);
-// The CUDA linear takes a one-warp-per-output kernel for N <= this (0..32; 0, the default, means never):
-// a process-wide switch, off until that kernel has been checked on a GPU (see decode_step_cuda.cu).
+// The CUDA linear takes a one-warp-per-output kernel for N <= this (0..32; default 32; 0 means never):
+// a process-wide switch (see decode_step_cuda.cu for why it is on).
 void set_linear_rows_max_n(int n);
 int linear_rows_max_n();
-// The CUDA energy may be split over up to this many channel slices (1..16; 1, the default, means never) when
-// N x position tiles is too few blocks to fill the GPU; off until checked on a GPU, like the above.
+// The CUDA energy may be split over up to this many channel slices (1..16; default 16; 1 means never) when
+// N x position tiles is too few blocks to fill the GPU; a process-wide switch, like the above.
 void set_energy_max_splits(int s);
 int energy_max_splits();
 // The split count the CUDA step uses for N rows on an L-cell grid of attention width d (1 when off): the

@@ -146,12 +146,15 @@ void launch_linear_rows(const LinearWeights& lin, const WT* w, const float* x, f
     linear_rows_kernel<WT, 32><<<grid, block, 0, s>>>(x, w, scale, lin.bias, y, N, lin.out, lin.in, accumulate);
 }
 
-// Up to which N linear_cuda takes the few-rows kernel. 0 (off) until the kernel has been checked on a GPU
-// against the reference (tests/test_native_ops.py runs both paths); set_linear_rows_max_n changes it.
-std::atomic<int> g_linear_rows_max_n{0};
+// Up to which N linear_cuda takes the few-rows kernel (batch 1-3 x beam 10). On by default since it passed the
+// GPU tests, memcheck and racecheck (tests/logs/2026-12-02_small_batch_kernels_h200/) and, with the energy split,
+// gave the same tokens 15 % faster at batch 1 and 7 % at batch 256 (H200,
+// benchmarks/results/decoders_H200_small-batch_2026-12-02.json); set_linear_rows_max_n(0) turns it off.
+std::atomic<int> g_linear_rows_max_n{32};
 constexpr int kLinearRowsLimit = 32;
-// The energy's channel split (energy_splits below): off (1) until checked on a GPU.
-std::atomic<int> g_energy_max_splits{1};
+// The energy's channel split (energy_splits below): on (up to 16 slices) by default, checked as above;
+// set_energy_max_splits(1) turns it off.
+std::atomic<int> g_energy_max_splits{16};
 constexpr int kMaxEnergySplits = 16;
 constexpr long long kEnergyTargetBlocks = 264;
 
