@@ -13,6 +13,7 @@ measured breakdown, not a guess.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from abm_rt.data.vocab import EOS_ID, SOS_ID  # noqa: E402
-from abm_rt.decode.native import NativeDecoder, load_extension  # noqa: E402
+from abm_rt.decode.native import NativeDecoder, tiled_kernels  # noqa: E402
 from abm_rt.decode.native_search import _search_step, _SearchState  # noqa: E402
 from abm_rt.engine_dir import default_engine_path, load_engine  # noqa: E402
 from benchmarks.result_file import write_result  # noqa: E402
@@ -83,18 +84,16 @@ def main() -> int:
                          "rows run one warp per output and the energy may be split into channel slices")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if args.tiled_kernels:                              # process-wide (see abm_rt.decode.native)
-        load_extension().set_linear_rows_max_n(0)
-        load_extension().set_energy_max_splits(1)
     model = load_engine(default_engine_path()).model.eval()
     with profile(activities=[ProfilerActivity.CPU]):   # the profiler's own start-up (~0.4 s) stays out of row 1
         pass
     rows = []
-    for shape in args.shapes.split(","):
-        N, H, W = (int(v) for v in shape.split("x"))
-        for precision in args.precisions.split(","):
-            rows.append(profile_shape(model, args.device, N, H, W, precision, args.steps, args.beam))
-            print(json.dumps(rows[-1]), flush=True)
+    with tiled_kernels() if args.tiled_kernels else contextlib.nullcontext():    # process-wide switches
+        for shape in args.shapes.split(","):
+            N, H, W = (int(v) for v in shape.split("x"))
+            for precision in args.precisions.split(","):
+                rows.append(profile_shape(model, args.device, N, H, W, precision, args.steps, args.beam))
+                print(json.dumps(rows[-1]), flush=True)
     headline = {f"{r['precision']} N{r['N']} {r['H']}x{r['W']} ms/step": r["wall_ms_per_step (profiler on)"]
                 for r in rows}
     out = write_result("profile_native_step", args.device, {"rows": rows, "headline": headline,

@@ -19,7 +19,9 @@ from training.trainer import Trainer, TrainConfig
 
 
 def mean_ce(trainer: Trainer, batches: list, batch_statistics: bool) -> float:
-    """Mean over ``batches`` of the teacher-forced L2R CE, BN on running or on batch statistics."""
+    """Mean over ``batches`` of the teacher-forced L2R CE, BN on running or on batch statistics.
+
+    Not ``Trainer.validate``: that puts every module in eval mode first and reads only the validation batches."""
     trainer.model.eval()
     if batch_statistics:
         for m in trainer.model.modules():

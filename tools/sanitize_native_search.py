@@ -71,10 +71,7 @@ def search(args: argparse.Namespace) -> int:
     # Only U_a F, the initial state and our kernels run on the GPU in this process.
     same = total = 0
     dec = _decoder(args.device, saved["precision"])
-    switches = contextlib.ExitStack()
-    if args.tiled_kernels:
-        switches.enter_context(tiled_kernels())
-    with switches, torch.inference_mode():
+    with tiled_kernels() if args.tiled_kernels else contextlib.nullcontext(), torch.inference_mode():
         for b in saved["batches"]:
             got = _search(dec, saved["beam"], saved["max_len"], b["features"], b["mask"])
             for name, want, have in zip(b["names"], b["tokens"], got):

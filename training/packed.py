@@ -89,9 +89,9 @@ class ShapeGrid:
     steps: tuple = (8, 16, 24, 32, 48, 64, 96, 128)
 
 
-def pack_fixed_shapes(samples: list[Sample], vocab: Vocab, device: torch.device, max_batch: int,
-                      max_batch_pixels: int, grid: ShapeGrid = ShapeGrid()) -> list[PackedBatch]:
-    """Batches with few distinct shapes (B, H, W, T), so each shape can be captured once as a CUDA graph.
+def fixed_shape_groups(samples: list[Sample], max_batch: int, max_batch_pixels: int,
+                       grid: ShapeGrid = ShapeGrid()) -> list[tuple[int, int, list[int]]]:
+    """The grouping of ``pack_fixed_shapes`` without the upload: (canvas H, canvas W, sample indices) per batch.
 
     Images go to the canvas (H, W) of the grid that holds them; every batch of a canvas has the same
     B = max_batch_pixels // (H W) (at most ``max_batch``, and at most the canvas's image count); within a
@@ -110,8 +110,17 @@ def pack_fixed_shapes(samples: list[Sample], vocab: Vocab, device: torch.device,
         idx.sort(key=lambda i: (len(samples[i].tokens), i))
         for k in range(0, len(idx), B):
             chunk = idx[k:k + B]
-            chunk += idx[:B - len(chunk)]
-            group = [samples[i] for i in chunk]
-            steps = _round_up(max(len(s.tokens) for s in group) + 1, list(grid.steps), 16)
-            out.append(_upload(group, vocab, device, H, W, steps))
+            out.append((H, W, chunk + idx[:B - len(chunk)]))
+    return out
+
+
+def pack_fixed_shapes(samples: list[Sample], vocab: Vocab, device: torch.device, max_batch: int,
+                      max_batch_pixels: int, grid: ShapeGrid = ShapeGrid()) -> list[PackedBatch]:
+    """Batches with few distinct shapes (B, H, W, T), so each shape can be captured once as a CUDA graph:
+    the groups of ``fixed_shape_groups``, each with its step count T rounded up on the grid's steps."""
+    out = []
+    for H, W, chunk in fixed_shape_groups(samples, max_batch, max_batch_pixels, grid):
+        group = [samples[i] for i in chunk]
+        steps = _round_up(max(len(s.tokens) for s in group) + 1, list(grid.steps), 16)
+        out.append(_upload(group, vocab, device, H, W, steps))
     return out
