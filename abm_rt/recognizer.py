@@ -93,6 +93,8 @@ class Recognizer:
             compact). That figure captured a graph per call; the captured searches are now kept per batch
             shape (``native_search.SearchGraphs``, ``graph_capacity`` of them) and replayed with new inputs,
             which has not been timed on a GPU yet. Attention maps are then computed by the eager loop.
+        pad_multiple: a batch's canvas is rounded up to a multiple of this many pixels (default 16, the
+            encoder's stride). Padding is not neutral for this CNN (tools/eval_padding.py measures it).
         graph_capacity: how many captured searches ``decoder_graphs`` keeps (least recently used out; also
             bounded by 2 GiB of their tensors).
 
@@ -103,11 +105,13 @@ class Recognizer:
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
                  image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto",
                  decoder_precision: str = "fp32", compact: bool = True,
-                 decoder_graphs: bool = False, graph_capacity: int = 64):
+                 decoder_graphs: bool = False, graph_capacity: int = 64, pad_multiple: int = 16):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
             raise ValueError("max_batch_size and max_batch_pixels must be positive")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
         if engine is None:
             self.engine = load_default_engine()
         elif isinstance(engine, Engine):
@@ -139,6 +143,10 @@ class Recognizer:
             from .decode.native_search import SearchGraphs
             self._graphs = SearchGraphs(graph_capacity)
         self.image_options = image_options or ImageOptions()
+        # A batch's canvas is rounded up to this many pixels: 16, the encoder's stride, keeps the shapes
+        # (and so TensorRT profiles and CUDA graphs) few. 1 pads only to the batch's largest image, as the
+        # paper's test does for one image (tools/eval_padding.py measures what it changes).
+        self.pad_multiple = pad_multiple
         self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
@@ -214,7 +222,7 @@ class Recognizer:
 
     @torch.inference_mode()
     def _decode(self, pixels: list[np.ndarray], return_attention: bool):
-        x, pixel_mask = pad_batch(pixels, multiple=16)
+        x, pixel_mask = pad_batch(pixels, multiple=self.pad_multiple)
         features, mask = self.encoder.encode(x, pixel_mask)
         check_every = 4 if self.device.type == "cuda" else 1
         if self._native is not None:

@@ -130,9 +130,11 @@ def test_distillation_paper_equals_loop():
     assert len(l2r) == len(r2l) == sum(LENGTHS)
     expected = sum(_kl_pair(zl[lb, lt], zr[rb, rt]) for (lb, lt), (rb, rt) in zip(l2r, r2l)) / len(l2r)
     assert float(distillation_kl(zl, zr, lengths, pairing="paper")) == pytest.approx(expected, rel=1e-5)
-    lb, lt, rb, rt = paper_pairs(lengths, T)
-    assert list(zip(lb.tolist(), lt.tolist())) == l2r
-    assert list(zip(rb.tolist(), rt.tolist())) == r2l
+    lb, lt, rb, rt, valid = paper_pairs(lengths, T)
+    assert valid.shape == (B * T,) and int(valid.sum()) == len(l2r)
+    assert bool(valid[: len(l2r)].all())                      # the pairs first, then padding
+    assert list(zip(lb[valid].tolist(), lt[valid].tolist())) == l2r
+    assert list(zip(rb[valid].tolist(), rt[valid].tolist())) == r2l
     # Mixed lengths pair rows of different samples (the bug of spec 7.1).
     assert any(a[0] != b[0] for a, b in zip(l2r, r2l))
 
@@ -140,7 +142,8 @@ def test_distillation_paper_equals_loop():
 def test_paper_pairing_equal_lengths():
     """With equal lengths n the paper pairs L2R step t with R2L step n + 1 - t of the same sample (spec 4.3)."""
     n, B = 4, 3
-    lb, lt, rb, rt = paper_pairs(torch.tensor([n] * B), n + 1)
+    lb, lt, rb, rt, valid = paper_pairs(torch.tensor([n] * B), n + 1)
+    lb, lt, rb, rt = lb[valid], lt[valid], rb[valid], rt[valid]
     assert torch.equal(lb, rb)
     assert torch.equal(lt + rt, torch.full_like(lt, n + 1))
 

@@ -187,3 +187,17 @@ def test_compaction_switch_keeps_results(engine_dir):
     for x, y in zip(on.predict(items), off.predict(items)):
         assert x.tokens == y.tokens and x.truncated == y.truncated
         assert x.score == pytest.approx(y.score, abs=1e-6)
+
+
+def test_pad_multiple_sets_the_canvas(engine_dir):
+    """The batch canvas is the largest image rounded up to ``pad_multiple`` (1: not rounded); 0 is refused."""
+    with pytest.raises(ValueError, match="pad_multiple"):
+        Recognizer(engine_dir, device="cpu", pad_multiple=0)
+    items = [_strokes(50, 101, seed=1), _strokes(61, 90, seed=2)]
+    for multiple, canvas in ((1, (61, 101)), (16, (64, 112))):
+        r = Recognizer(engine_dir, device="cpu", beam_size=2, max_len=6, pad_multiple=multiple)
+        seen = []
+        encode = r.encoder.encode
+        r.encoder.encode = lambda x, m: (seen.append(tuple(x.shape[-2:])), encode(x, m))[1]
+        assert all(res.ok for res in r.predict(items))
+        assert seen == [canvas]

@@ -53,13 +53,14 @@ def features(args: argparse.Namespace) -> int:
     pixels = [load_image(str(p), rec.image_options).pixels for p in paths]
     groups = size_batches([p.shape for p in pixels], rec.max_batch_size, rec.max_batch_pixels)
     batches, dec = [], _decoder(args.device, args.precision)
+    max_len = args.max_len or rec.max_len
     with torch.inference_mode():
         for group in groups:
             x, pixel_mask = pad_batch([pixels[i] for i in group], multiple=16)
             feats, mask = rec.encoder.encode(x, pixel_mask)
             batches.append({"names": [paths[i].name for i in group], "features": feats.cpu(), "mask": mask.cpu(),
-                            "tokens": _search(dec, rec.beam_size, rec.max_len, feats, mask)})
-    torch.save({"device": args.device, "beam": args.beam, "max_len": rec.max_len, "precision": args.precision,
+                            "tokens": _search(dec, rec.beam_size, max_len, feats, mask)})
+    torch.save({"device": args.device, "beam": args.beam, "max_len": max_len, "precision": args.precision,
                 "batches": batches}, args.out)
     print(f"{len(paths)} images in {len(batches)} batches -> {args.out}")
     return 0
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--beam", type=int, default=10, help="beam width (default 10)")
     f.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="native decoder weights")
     f.add_argument("--batch-size", type=int, default=16, help="images per batch at most (default 16)")
+    f.add_argument("--max-len", type=int, default=None,
+                   help="decode steps at most (default: the recognizer's). Fewer steps run the same kernels on "
+                        "the same real batch, so that racecheck, slow on the tiled energy, can finish")
     s = sub.add_parser("search", help="run only the native search on saved features and compare the tokens")
     s.add_argument("file", help="the output of `features`")
     s.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")

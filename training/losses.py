@@ -18,23 +18,36 @@ def sequence_ce(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tens
 
 
 def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over rows of KL(softmax(p/T) || softmax(q/T)), rows paired by position."""
+    """Per row, KL(softmax(p/T) || softmax(q/T)), rows paired by position."""
     logq = torch.log_softmax(p_logits.float() / temperature, -1)
     logr = torch.log_softmax(q_logits.float() / temperature, -1)
-    return (logq.exp() * (logq - logr)).sum(-1).mean()
+    return (logq.exp() * (logq - logr)).sum(-1)
 
 
-def paper_pairs(lengths: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def paper_pairs(lengths: torch.Tensor, T: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper code's pairing (spec 4.3), kept to compare: L2R rows (t = 1..T-1, then b) with
     t <= n_b, against R2L rows (s = T-1 down to 1, then b) with s <= n_b, i-th with i-th.
-    Returns (l2r_b, l2r_t, r2l_b, r2l_t)."""
+
+    Returns (l2r_b, l2r_t, r2l_b, r2l_t, valid), each of T*B entries: the first N = sum n_b are the pairs in
+    order, the rest padding (``valid`` False, indices 0). Fixed sizes and a cumsum/scatter instead of
+    ``nonzero``, so that no host synchronisation breaks a CUDA graph capture of the training step."""
     B = lengths.shape[0]
+    n = T * B
     steps = torch.arange(T, device=lengths.device)[:, None].expand(T, B)             # [T, B] time-major
     keep = (steps >= 1) & (steps <= lengths[None, :])
-    lt, lb = keep.nonzero(as_tuple=True)                                              # t ascending, then b
-    keep_rev = keep.flip(0)                                                           # s = T-1 .. 0
-    rs, rb = keep_rev.nonzero(as_tuple=True)
-    return lb, lt, rb, T - 1 - rs
+
+    def kept_in_order(k: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the True entries of k (time-major), in order, then zeros."""
+        flat = k.reshape(n)
+        slot = torch.where(flat, flat.long().cumsum(0) - 1, n)                     # dropped rows -> spare slot
+        order = torch.zeros(n + 1, dtype=torch.long, device=k.device)
+        return order.scatter_(0, slot, torch.arange(n, device=k.device))[:n]
+
+    lf = kept_in_order(keep)                                                          # t ascending, then b
+    rf = kept_in_order(keep.flip(0))                                                  # s = T-1 .. 0, then b
+    valid = torch.arange(n, device=lengths.device) < keep.sum()
+    return lf % B, lf // B, rf % B, T - 1 - rf // B, valid
 
 
 def distillation_kl(l2r_logits: torch.Tensor, r2l_logits: torch.Tensor, lengths: torch.Tensor,
@@ -44,7 +57,7 @@ def distillation_kl(l2r_logits: torch.Tensor, r2l_logits: torch.Tensor, lengths:
     ``aligned`` (our default, spec 7.1's fix): rows that predict the same target token of the same
     sample. L2R step t predicts y_{t+1}; R2L step n-1-t predicts y_{t+1}; t < n_b (end tokens left
     out), N = sum n_b rows. Done with a gather and a mask, so no host synchronisation.
-    ``paper``: the official code's pairing (see ``paper_pairs``), kept to compare.
+    ``paper``: the official code's pairing (see ``paper_pairs``), kept to compare; also sync-free.
     """
     B, T, K = l2r_logits.shape
     if pairing == "aligned":
@@ -52,13 +65,12 @@ def distillation_kl(l2r_logits: torch.Tensor, r2l_logits: torch.Tensor, lengths:
         valid = t < lengths[:, None]                                            # [B, T]
         r_idx = (lengths[:, None] - 1 - t).clamp(min=0)
         r2l = r2l_logits.gather(1, r_idx[..., None].expand(B, T, K))
-        logq = torch.log_softmax(l2r_logits.float() / temperature, -1)
-        logr = torch.log_softmax(r2l.float() / temperature, -1)
-        rows = (logq.exp() * (logq - logr)).sum(-1)
+        rows = _kl_rows(l2r_logits, r2l, temperature)
         return (rows * valid).sum() / valid.sum().clamp(min=1)
     if pairing == "paper":
-        lb, lt, rb, rt = paper_pairs(lengths, T)
-        return _kl_rows(l2r_logits[lb, lt], r2l_logits[rb, rt], temperature)
+        lb, lt, rb, rt, valid = paper_pairs(lengths, T)
+        rows = _kl_rows(l2r_logits[lb, lt], r2l_logits[rb, rt], temperature)
+        return (rows * valid).sum() / valid.sum().clamp(min=1)
     raise ValueError(f"pairing must be 'aligned' or 'paper', got {pairing!r}")
 
 

@@ -270,6 +270,13 @@ class Trainer:
             sums += self.graphed.sums
             self.graphed = None
             torch.cuda.synchronize()
+            try:        # a capture that failed midway can leave PyTorch's CUDA generator in capture mode
+                torch.rand(1, device=self.device)
+            except RuntimeError as rng_err:
+                raise RuntimeError(
+                    f"CUDA graph capture failed ({str(err)[:300]}) and left PyTorch's CUDA random generator in "
+                    "capture mode, so this process cannot go on eagerly. Rerun with --cuda-graphs false, or make "
+                    "the training step capturable (no host synchronisation)") from rng_err
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the fixed batches in a shuffled order; returns mean losses and timing."""
