@@ -19,7 +19,9 @@ dir="runs/$RUN"
 case "${1:-}" in
   start)
     shift
-    mkdir -p /tmp/data "$dir" && tar -xzf .carry/crohme.tar.gz -C /tmp/data
+    mkdir -p /tmp/data "$dir"
+    # once per machine: a second run started beside a first must not rewrite files the first is reading
+    [ -d /tmp/data/crohme ] || tar -xzf .carry/crohme.tar.gz -C /tmp/data
     if [ -f ".train_carry/$RUN/state/state.json" ] && [ ! -f "$dir/state/state.json" ]; then
       cp -r ".train_carry/$RUN/state" "$dir/"          # resume a carried run (e.g. fp16 weights-only)
       [ -f ".train_carry/$RUN/log.jsonl" ] && cp ".train_carry/$RUN/log.jsonl" "$dir/"
