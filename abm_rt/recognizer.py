@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .data.buckets import pad_batch, size_batches
+from .data.buckets import CanvasGrid, pad_batch, size_batches
 from .data.images import ImageError, ImageOptions, LoadedImage, load_image
 from .backends import choose_encoder_backend
 from .decode import beam_search
@@ -95,6 +95,8 @@ class Recognizer:
             which has not been timed on a GPU yet. Attention maps are then computed by the eager loop.
         pad_multiple: a batch's canvas is rounded up to a multiple of this many pixels (default 16, the
             encoder's stride). Padding is not neutral for this CNN (tools/eval_padding.py measures it).
+        canvas_grid: pad each batch instead to the smallest canvas of the trainer's grid that holds it
+            (``data.buckets.CanvasGrid``: sizes x1.5 apart), the canvases the model was trained on.
         graph_capacity: how many captured searches ``decoder_graphs`` keeps (least recently used out; also
             bounded by 2 GiB of their tensors).
 
@@ -105,7 +107,8 @@ class Recognizer:
                  max_batch_size: int = 32, max_batch_pixels: int = 4_000_000, max_len: int | None = None,
                  image_options: ImageOptions | None = None, encoder_backend: str = "auto", decoder: str = "auto",
                  decoder_precision: str = "fp32", compact: bool = True,
-                 decoder_graphs: bool = False, graph_capacity: int = 64, pad_multiple: int = 16):
+                 decoder_graphs: bool = False, graph_capacity: int = 64, pad_multiple: int = 16,
+                 canvas_grid: bool = False):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if max_batch_size < 1 or max_batch_pixels < 1:
@@ -147,6 +150,7 @@ class Recognizer:
         # (and so TensorRT profiles and CUDA graphs) few. 1 pads only to the batch's largest image, as the
         # paper's test does for one image (tools/eval_padding.py measures what it changes).
         self.pad_multiple = pad_multiple
+        self.canvas_grid = CanvasGrid() if canvas_grid else None
         self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
@@ -166,6 +170,7 @@ class Recognizer:
             "decoder_precision": self.decoder_precision,
             "beam_size": self.beam_size,
             "max_len": self.max_len,
+            "canvas": "trainer grid" if self.canvas_grid else f"multiple of {self.pad_multiple}",
             "compact": self.compact if self._native is not None else None,
             "decoder_graphs": self._graphs.info() if self._graphs is not None else False,
         }
@@ -222,7 +227,7 @@ class Recognizer:
 
     @torch.inference_mode()
     def _decode(self, pixels: list[np.ndarray], return_attention: bool):
-        x, pixel_mask = pad_batch(pixels, multiple=self.pad_multiple)
+        x, pixel_mask = pad_batch(pixels, multiple=self.pad_multiple, grid=self.canvas_grid)
         features, mask = self.encoder.encode(x, pixel_mask)
         check_every = 4 if self.device.type == "cuda" else 1
         if self._native is not None:

@@ -243,3 +243,16 @@ def test_crohme_2014_split():
     for s in read_split(split, limit=10):
         assert s.image.dtype == np.uint8 and set(np.unique(s.image).tolist()) <= {0, 255}
         assert s.image.mean() < 128
+
+
+def test_canvas_grid_is_the_trainers_and_pads_to_it():
+    """CanvasGrid holds the trainer's canvases (ShapeGrid's heights and widths), picks the smallest that holds an
+    image, rounds past its end to 16 / 32, and pad_batch pads a batch to it."""
+    from abm_rt.data.buckets import CanvasGrid
+    from training.packed import ShapeGrid
+    g = CanvasGrid()
+    assert g.heights == ShapeGrid().heights and g.widths == ShapeGrid().widths
+    assert g.canvas(64, 128) == (64, 128) and g.canvas(65, 129) == (96, 192)
+    assert g.canvas(600, 3000) == (608, 3008)
+    x, m = pad_batch([np.ones((70, 100), np.float32), np.ones((50, 200), np.float32)], grid=g)
+    assert x.shape == (2, 1, 96, 288) and int(m[0].sum()) == 7000 and int(m[1].sum()) == 10000

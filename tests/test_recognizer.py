@@ -190,12 +190,13 @@ def test_compaction_switch_keeps_results(engine_dir):
 
 
 def test_pad_multiple_sets_the_canvas(engine_dir):
-    """The batch canvas is the largest image rounded up to ``pad_multiple`` (1: not rounded); 0 is refused."""
+    """The batch canvas is the largest image rounded up to ``pad_multiple`` (1: not rounded), or the smallest
+    canvas of the trainer's grid that holds it (heights 64, 96, ..; widths 128, 192, ..); 0 is refused."""
     with pytest.raises(ValueError, match="pad_multiple"):
         Recognizer(engine_dir, device="cpu", pad_multiple=0)
     items = [_strokes(50, 101, seed=1), _strokes(61, 90, seed=2)]
-    for multiple, canvas in ((1, (61, 101)), (16, (64, 112))):
-        r = Recognizer(engine_dir, device="cpu", beam_size=2, max_len=6, pad_multiple=multiple)
+    for multiple, grid, canvas in ((1, False, (61, 101)), (16, False, (64, 112)), (16, True, (64, 128))):
+        r = Recognizer(engine_dir, device="cpu", beam_size=2, max_len=6, pad_multiple=multiple, canvas_grid=grid)
         seen = []
         encode = r.encoder.encode
         r.encoder.encode = lambda x, m: (seen.append(tuple(x.shape[-2:])), encode(x, m))[1]

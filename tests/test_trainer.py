@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from abm_rt.data.buckets import geometric_grid
 from abm_rt.data.crohme import Sample
 from abm_rt.data.vocab import Vocab
 from abm_rt.model import ABM, ModelConfig, initialize
 from training.checkpoint import load_state, save_state
-from training.packed import ShapeGrid, geometric_grid, pack_fixed_shapes
+from training.packed import ShapeGrid, pack_fixed_shapes
 from training.trainer import TrainConfig, Trainer
 
 TINY = {"growth": 8, "block_depth": 2, "hidden": 32, "embed": 32, "attn": 32}

@@ -3,7 +3,7 @@
 The paper's test decodes one image at a time, unpadded; the recognizer batches images of similar size and
 rounds each batch's canvas up to a multiple of 16 pixels. Padding is not neutral for this model: the CNN
 (BatchNorm, convolutions, ceil-mode pooling) sees the padded zeros, only the attention is masked. This tool
-decodes the same images under several (batch size, pad multiple) settings and reports each one's scores and
+decodes the same images under several (batch size, pad multiple or the trainer's canvas grid) settings and reports each one's scores and
 how many predictions differ from the first setting:
 
     python3 tools/eval_padding.py /path/to/crohme/2014 --settings 1x1,1x16,32x16 --device cuda --out pad.json
@@ -28,14 +28,15 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    """``"1x1,32x16"`` -> [(batch 1, multiple 1), (batch 32, multiple 16)]."""
-    out = []
+def parse_settings(text: str) -> list[tuple[int, int | str]]:
+    """``"1x1,32x16,16xgrid"`` -> [(1, 1), (32, 16), (16, "grid")]: batch size x canvas rounding, where
+    ``grid`` is the trainer's canvas grid (``Recognizer(canvas_grid=True)``)."""
+    out: list[tuple[int, int | str]] = []
     for item in text.split(","):
         b, m = item.lower().split("x")
-        if int(b) < 1 or int(m) < 1:
-            raise ValueError(f"batch size and pad multiple must be >= 1, got {item!r}")
-        out.append((int(b), int(m)))
+        if int(b) < 1 or (m != "grid" and int(m) < 1):
+            raise ValueError(f"batch size and pad multiple must be >= 1 (or the multiple 'grid'), got {item!r}")
+        out.append((int(b), m if m == "grid" else int(m)))
     return out
 
 
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="a folder with caption.txt (or labels.txt) and NAME.png images")
     p.add_argument("--settings", default="1x1,1x16,32x16",
-                   help="comma separated BATCHxMULTIPLE: images per batch x canvas rounding (default 1x1,1x16,32x16)")
+                   help="comma separated BATCHxMULTIPLE: images per batch x canvas rounding in pixels, or xgrid for "
+                        "the trainer's canvas grid (default 1x1,1x16,32x16)")
     p.add_argument("--engine", default=None, help="engine directory (default: the bundled model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--decoder", default="auto", choices=["auto", "native", "pytorch"])
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, first = [], None
     for batch, multiple in parse_settings(args.settings):
         rec = Recognizer(args.engine, device=args.device, decoder=args.decoder, beam_size=args.beam,
-                         max_batch_size=batch, max_len=256, pad_multiple=multiple)
+                         max_batch_size=batch, max_len=256, pad_multiple=16 if multiple == "grid" else multiple,
+                         canvas_grid=multiple == "grid")
         t0 = time.perf_counter()
         results = rec.predict(paths)
         seconds = time.perf_counter() - t0

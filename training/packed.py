@@ -1,13 +1,12 @@
 """A data split decoded once and kept on the training device as fixed, padded batches."""
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from abm_rt.data.buckets import size_batches
+from abm_rt.data.buckets import CanvasGrid, round_up_on_grid, size_batches
 from abm_rt.data.crohme import Sample
 from abm_rt.data.vocab import Vocab
 
@@ -66,26 +65,13 @@ def pack_split(samples: list[Sample], vocab: Vocab, device: torch.device, max_ba
     return out
 
 
-def geometric_grid(start: int, stop: int, ratio: float, multiple: int) -> list[int]:
-    """start, then each value ``ratio`` times the last rounded up to ``multiple``, until >= stop."""
-    grid = [start]
-    while grid[-1] < stop:
-        grid.append(-(-int(grid[-1] * ratio) // multiple) * multiple)
-    return grid
-
-
-def _round_up(value: int, grid: list[int], multiple: int) -> int:
-    """The smallest grid value >= ``value``; past the grid, ``value`` rounded up to ``multiple``."""
-    i = bisect.bisect_left(grid, value)
-    return grid[i] if i < len(grid) else -(-value // multiple) * multiple
-
-
 @dataclass(frozen=True)
 class ShapeGrid:
-    """The few batch shapes of graph training: canvas heights, widths and step counts."""
+    """The few batch shapes of graph training: canvas heights, widths (abm_rt's ``CanvasGrid``, which
+    inference can pad to as well) and step counts."""
 
-    heights: tuple = tuple(geometric_grid(64, 512, 1.5, 16))
-    widths: tuple = tuple(geometric_grid(128, 2048, 1.5, 32))
+    heights: tuple = CanvasGrid().heights
+    widths: tuple = CanvasGrid().widths
     steps: tuple = (8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -103,7 +89,7 @@ def fixed_shape_groups(samples: list[Sample], max_batch: int, max_batch_pixels: 
     canvases: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
         h, w = s.image.shape
-        canvases.setdefault((_round_up(h, hs, 16), _round_up(w, ws, 32)), []).append(i)
+        canvases.setdefault((round_up_on_grid(h, hs, 16), round_up_on_grid(w, ws, 32)), []).append(i)
     out = []
     for (H, W), idx in sorted(canvases.items()):
         B = min(len(idx), max(1, min(max_batch, max_batch_pixels // (H * W))))
@@ -121,6 +107,6 @@ def pack_fixed_shapes(samples: list[Sample], vocab: Vocab, device: torch.device,
     out = []
     for H, W, chunk in fixed_shape_groups(samples, max_batch, max_batch_pixels, grid):
         group = [samples[i] for i in chunk]
-        steps = _round_up(max(len(s.tokens) for s in group) + 1, list(grid.steps), 16)
+        steps = round_up_on_grid(max(len(s.tokens) for s in group) + 1, list(grid.steps), 16)
         out.append(_upload(group, vocab, device, H, W, steps))
     return out
