@@ -69,6 +69,19 @@ def test_eval_report(engine_dir, tmp_path, capsys):
     assert "ExpRate" in capsys.readouterr().out
 
 
+def test_canvas_options_reach_the_recognizer(engine_dir, tmp_path):
+    """--pad-multiple and --canvas-grid set the Recognizer's canvas, and the eval report says which."""
+    data = tmp_path / "set"
+    data.mkdir()
+    line = (EXAMPLES / "labels.txt").read_text().splitlines()[0]
+    (data / f"{line.split(chr(9))[0]}.png").write_bytes((EXAMPLES / f"{line.split(chr(9))[0]}.png").read_bytes())
+    (data / "caption.txt").write_text(line + "\n")
+    for extra, canvas in ((["--pad-multiple", "1"], "multiple of 1"), (["--canvas-grid"], "trainer grid")):
+        report = tmp_path / "r.json"
+        assert main(["eval", str(data), "--json", str(report), "--engine", str(engine_dir), *FAST, *extra]) == 0
+        assert json.loads(report.read_text())["recognizer"]["canvas"] == canvas
+
+
 def test_info(engine_dir, capsys):
     """`info ENGINE` prints the engine's config as JSON."""
     assert main(["info", str(engine_dir)]) == 0

@@ -12,6 +12,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--beam", type=int, default=10, help="beam width (default 10, as the paper)")
     p.add_argument("--batch-size", type=int, default=32, help="images decoded together (default 32)")
+    p.add_argument("--pad-multiple", type=int, default=16, metavar="PX",
+                   help="round each batch's canvas up to this many pixels (default 16; 1 = no rounding). The "
+                        "CNN sees the padding, so batching moves results slightly (README.md: 'Batching changes the result')")
+    p.add_argument("--canvas-grid", action="store_true",
+                   help="pad each batch to the trainer's canvas grid instead (sizes x1.5 apart)")
     p.add_argument("--max-len", type=int, default=None,
                    help="decode steps before giving up on an expression; its best partial result is then "
                         "returned marked truncated (default 256)")
@@ -38,4 +43,5 @@ def make_recognizer(args: argparse.Namespace):
                         max_pixels=args.max_pixels)
     return Recognizer(args.engine, device=args.device, beam_size=args.beam, max_batch_size=args.batch_size,
                       max_len=args.max_len, image_options=opts, decoder=args.decoder,
-                      encoder_backend=args.encoder_backend)
+                      encoder_backend=args.encoder_backend, pad_multiple=args.pad_multiple,
+                      canvas_grid=args.canvas_grid)
