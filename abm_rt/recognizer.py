@@ -146,9 +146,7 @@ class Recognizer:
             from .decode.native_search import SearchGraphs
             self._graphs = SearchGraphs(graph_capacity)
         self.image_options = image_options or ImageOptions()
-        # A batch's canvas is rounded up to this many pixels: 16, the encoder's stride, keeps the shapes
-        # (and so TensorRT profiles and CUDA graphs) few. 1 pads only to the batch's largest image, as the
-        # paper's test does for one image (tools/eval_padding.py measures what it changes).
+        # 16, the encoder's stride, keeps the canvas shapes (TensorRT profiles, CUDA graphs) few
         self.pad_multiple = pad_multiple
         self.canvas_grid = CanvasGrid() if canvas_grid else None
         self._lock = threading.Lock()

@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
 
 from abm_rt.decode import beam_search, reference_beam_search  # noqa: E402
 from abm_rt.model import ModelConfig, count_parameters, feature_size, scaled_random_model  # noqa: E402
+from abm_rt.version import source_commit  # noqa: E402
 
 DEFAULT_SEED = 11        # a random model whose beams often all finish, as a trained model's do
 DEFAULT_EOS_BIAS = 2.0   # with seed 11 and these images: winners of 7-18 tokens, mean about 14
@@ -82,7 +83,7 @@ def git_info() -> dict:
             return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": run("git", "rev-parse", "HEAD") or None,
+    return {"commit": source_commit(),
             "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no"))}
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from abm_rt.backends import choose_encoder_backend  # noqa: E402
 from abm_rt.engine_dir import load_engine  # noqa: E402
+from abm_rt.version import source_commit  # noqa: E402
 
 
 def time_backend(backend, x, mask, repeats: int) -> list[float]:
@@ -64,7 +64,7 @@ def main() -> int:
                          "images_per_s_median": round(args.batch / statistics.median(secs), 2), "runs_s": secs}
         print(name, figures[name]["median_s"], flush=True)
     now = dt.datetime.now(dt.timezone.utc)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = source_commit()
     doc = {"benchmark": "cpu_encoders", "date": now.isoformat(timespec="seconds"),
            "device": f"cpu {os.cpu_count()} cores ({platform.processor() or platform.machine()}), load "
                      f"{os.getloadavg()[0]:.2f}", "commit": commit, "command": " ".join(["python3", *sys.argv]),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from abm_rt.version import source_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,9 +26,7 @@ def write_result(benchmark: str, device: str, fields: dict[str, Any], out: Path 
 
     now = dt.datetime.now(dt.timezone.utc)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    commit = os.environ.get("ABM_RT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip() or None
-    doc = {"benchmark": benchmark, "date": now.isoformat(timespec="seconds"), "device": name, "commit": commit,
+    doc = {"benchmark": benchmark, "date": now.isoformat(timespec="seconds"), "device": name, "commit": source_commit(),
            "command": " ".join(["python3", *sys.argv]), **fields}
     tag = name.split()[1] if " " in name else name          # "NVIDIA H100 80GB HBM3" -> "H100"
     out = out or REPO / "benchmarks" / "results" / f"{benchmark}_{tag}_{now.date()}.json"

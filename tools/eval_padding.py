@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,11 +20,7 @@ from pathlib import Path
 from abm_rt import Recognizer
 from abm_rt.data.crohme import find_caption_file, read_captions
 from abm_rt.metrics import score_predictions
-
-
-def _commit() -> str | None:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return out.stdout.strip() or None
+from abm_rt.version import source_commit
 
 
 def parse_settings(text: str) -> list[tuple[int, int | str]]:
@@ -76,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({
             "command": "python3 tools/eval_padding.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": source_commit(),
             "dataset": str(folder),
             "recognizer": rec.info(), "settings": rows}, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -56,7 +56,7 @@ def features(args: argparse.Namespace) -> int:
     max_len = args.max_len or rec.max_len
     with torch.inference_mode():
         for group in groups:
-            x, pixel_mask = pad_batch([pixels[i] for i in group], multiple=16)
+            x, pixel_mask = pad_batch([pixels[i] for i in group], multiple=rec.pad_multiple, grid=rec.canvas_grid)
             feats, mask = rec.encoder.encode(x, pixel_mask)
             batches.append({"names": [paths[i].name for i in group], "features": feats.cpu(), "mask": mask.cpu(),
                             "tokens": _search(dec, rec.beam_size, max_len, feats, mask)})

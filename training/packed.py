@@ -66,12 +66,10 @@ def pack_split(samples: list[Sample], vocab: Vocab, device: torch.device, max_ba
 
 
 @dataclass(frozen=True)
-class ShapeGrid:
-    """The few batch shapes of graph training: canvas heights, widths (abm_rt's ``CanvasGrid``, which
+class ShapeGrid(CanvasGrid):
+    """The few batch shapes of graph training: abm_rt's ``CanvasGrid`` (canvas heights and widths, which
     inference can pad to as well) and step counts."""
 
-    heights: tuple = CanvasGrid().heights
-    widths: tuple = CanvasGrid().widths
     steps: tuple = (8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -85,11 +83,9 @@ def fixed_shape_groups(samples: list[Sample], max_batch: int, max_batch_pixels: 
     few steps. The last batch of a canvas is filled up to B with the canvas's shortest-label images
     again, so every image is used once per epoch and a few of them twice.
     """
-    hs, ws = list(grid.heights), list(grid.widths)
     canvases: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
-        h, w = s.image.shape
-        canvases.setdefault((round_up_on_grid(h, hs, 16), round_up_on_grid(w, ws, 32)), []).append(i)
+        canvases.setdefault(grid.canvas(*s.image.shape), []).append(i)
     out = []
     for (H, W), idx in sorted(canvases.items()):
         B = min(len(idx), max(1, min(max_batch, max_batch_pixels // (H * W))))

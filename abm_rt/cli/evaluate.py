@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..data.crohme import find_caption_file, read_captions
 from ..metrics import edit_distance, score_predictions
+from ..version import source_commit
 from .common import add_model_options, make_recognizer
 
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                   "error": r.error} for (n, ref), r in zip(captions, results)]
         report = {"command": "abm-rt " + " ".join(sys.argv[1:]), "date": dt.datetime.now(dt.timezone.utc).isoformat(
             timespec="seconds"), "dataset": str(folder), "device": _device_name(rec.device),
-            "host": platform.node(), "recognizer": rec.info(), "commit": _git_commit(), "summary": summary,
+            "host": platform.node(), "recognizer": rec.info(), "commit": source_commit(), "summary": summary,
             "items": items}
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0
@@ -77,17 +78,3 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def _git_commit() -> str | None:
-    """The source commit: git's answer, else $ABM_RT_COMMIT (a copy of the tree without .git)."""
-    import os
-    import subprocess
-    if os.environ.get("ABM_RT_COMMIT"):
-        return os.environ["ABM_RT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
