@@ -4,6 +4,8 @@ An engine directory holds:
     config.json         format_version, abm_rt version, model dims, vocab sha256, precision, provenance
     vocab.txt           one token per line; id = line number
     model.safetensors   FP32 inference weights (encoder + L2R branch): the source all else is rebuilt from
+    r2l.safetensors     optional: the FP32 R2L branch (``r2l.`` keys), for bidirectional rescoring
+                        (``decode.rescore``); listed as files["r2l"]. Readers that do not know it ignore it.
 Later formats add exported/compiled files next to these; ``config.json`` lists them under "files".
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.txt"
 WEIGHTS_FILE = "model.safetensors"
+R2L_FILE = "r2l.safetensors"
 
 
 class EngineError(RuntimeError):
@@ -45,6 +48,11 @@ class Engine:
         """Dimensions of the model."""
         return self.model.cfg
 
+    @property
+    def has_r2l(self) -> bool:
+        """True when the engine carries the R2L branch (``model.r2l``), which rescoring needs."""
+        return self.model.r2l is not None
+
 
 def default_engine_path() -> Path:
     """The engine directory bundled inside the package (``abm_rt/assets/default``)."""
@@ -57,18 +65,34 @@ def contains_engine(path: str | Path) -> bool:
     return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
+def _cpu_fp32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in tensors.items()}
+
+
 def save_engine(path: str | Path, model: ABM, vocab: Vocab, precision: str = "fp32",
-                provenance: dict[str, Any] | None = None) -> Path:
-    """Write ``model``'s inference weights (encoder + L2R) as an engine directory at ``path``."""
+                provenance: dict[str, Any] | None = None, with_r2l: bool = False) -> Path:
+    """Write ``model``'s inference weights (encoder + L2R) as an engine directory at ``path``.
+
+    ``with_r2l``: also write the R2L branch (``r2l.safetensors``), so that the engine can rescore; the
+    model must then be bidirectional."""
     from safetensors.torch import save_file
 
     if len(vocab) != model.cfg.vocab_size:
         raise ValueError(f"vocabulary has {len(vocab)} tokens but the model outputs {model.cfg.vocab_size}")
+    if with_r2l and model.r2l is None:
+        raise ValueError("with_r2l=True needs a bidirectional model (ABM(cfg, bidirectional=True))")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in model.inference_state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "abm_rt", "format_version": str(FORMAT_VERSION)})
+    meta = {"format": "abm_rt", "format_version": str(FORMAT_VERSION)}
+    save_file(_cpu_fp32(model.inference_state_dict()), str(path / WEIGHTS_FILE), metadata=meta)
+    files = {"weights": WEIGHTS_FILE, "vocab": VOCAB_FILE}
+    if with_r2l:
+        r2l = {k: v for k, v in model.state_dict().items() if k.startswith("r2l.")}
+        save_file(_cpu_fp32(r2l), str(path / R2L_FILE), metadata=meta)
+        files["r2l"] = R2L_FILE
+    elif (path / R2L_FILE).exists():
+        (path / R2L_FILE).unlink()              # a stale branch of an earlier model must not be picked up
     (path / VOCAB_FILE).write_text(vocab.to_text(), encoding="utf-8")
     config = {
         "format_version": FORMAT_VERSION,
@@ -78,7 +102,7 @@ def save_engine(path: str | Path, model: ABM, vocab: Vocab, precision: str = "fp
         "model": model.cfg.to_dict(),
         "vocab_size": len(vocab),
         "vocab_sha256": vocab.sha256(),
-        "files": {"weights": WEIGHTS_FILE, "vocab": VOCAB_FILE},
+        "files": files,
         "provenance": provenance or {},
     }
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -142,12 +166,21 @@ def load_engine(path: str | Path) -> Engine:
         cfg = ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"{path / CONFIG_FILE}: bad model dimensions ({e})") from e
-    model = ABM(cfg, bidirectional=False)
-    try:
-        state = load_file(str(path / WEIGHTS_FILE))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
-        raise EngineError(f"{path / WEIGHTS_FILE}: unreadable weights ({type(e).__name__}: {e})") from e
-    load_checked(model, state, str(path / WEIGHTS_FILE))
+    r2l_name = (config.get("files") or {}).get("r2l")
+    model = ABM(cfg, bidirectional=r2l_name is not None)
+    sources = [WEIGHTS_FILE] + ([r2l_name] if r2l_name else [])
+    state: dict[str, torch.Tensor] = {}
+    for name in sources:
+        if not (path / name).is_file():
+            raise EngineError(f"engine directory {path} is incomplete: {name} is missing (listed in {CONFIG_FILE})")
+        try:
+            part = load_file(str(path / name))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
+            raise EngineError(f"{path / name}: unreadable weights ({type(e).__name__}: {e})") from e
+        if name == r2l_name and any(not k.startswith("r2l.") for k in part):
+            raise EngineError(f"{path / name}: holds keys outside the R2L branch ({next(iter(part))!r})")
+        state.update(part)
+    load_checked(model, state, " + ".join(str(path / n) for n in sources))
     return Engine(path, model.eval(), vocab, config)
 
 

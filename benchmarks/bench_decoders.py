@@ -38,8 +38,9 @@ def run_config(decoder: str, precision: str, paths: list[str], batch: int, devic
     "tiled" (the CUDA small-batch kernels off, ``native.tiled_kernels``: the tiled kernels at every N),
     "fewrows" (CUDA linears of <= 32 rows on the one-warp-per-output kernel, ``native.few_rows_linear``),
     "splitenergy" (the CUDA energy in channel slices at small N, ``native.split_energy``). The last two are the
-    defaults since 2026-12-02; after "tiled" they turn one of them back on."""
-    unknown = set(flags) - {"graph", "nocompact", "tiled", "fewrows", "splitenergy"}
+    defaults since 2026-12-02; after "tiled" they turn one of them back on. "norescore": the L2R beam alone
+    (``rescore="none"``; by default an engine with the R2L branch rescores, ``decode.rescore``)."""
+    unknown = set(flags) - {"graph", "nocompact", "tiled", "fewrows", "splitenergy", "norescore"}
     if unknown:
         raise ValueError(f"unknown flags {sorted(unknown)}")
     # in this order, each nested in the one before: "tiled" first, so that the others override it
@@ -51,7 +52,8 @@ def run_config(decoder: str, precision: str, paths: list[str], batch: int, devic
                                   tuple(f for f in flags if f != flag))
     rec = Recognizer(device=device, beam_size=beam, max_batch_size=batch, decoder=decoder,
                      decoder_precision=precision, max_batch_pixels=64_000_000,
-                     compact="nocompact" not in flags, decoder_graphs="graph" in flags)
+                     compact="nocompact" not in flags, decoder_graphs="graph" in flags,
+                     rescore="none" if "norescore" in flags else "auto")
     if encoder_precision != "fp32":
         from abm_rt.backends.torch_backend import TorchEncoder
         rec.encoder = TorchEncoder(rec.model, rec.device, precision=encoder_precision, cuda_graphs=False,
@@ -77,7 +79,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N images at every batch size")
     ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS),
                     help="comma separated DECODER:PRECISION[:ENCODER_PRECISION[:FLAG+FLAG]] (encoder fp32 unless "
-                         "given; flags: graph, nocompact, tiled, fewrows, splitenergy)")
+                         "given; flags: graph, nocompact, tiled, fewrows, splitenergy, norescore)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data = Path(args.data)
@@ -114,7 +116,7 @@ def main() -> int:
                          "same_tokens_as_pytorch_fp32": (round(100 * sum(a == b for a, b in zip(toks, same)) / len(toks), 2)
                                                          if same else None),
                          "same_tokens_as_first_config": round(100 * sum(a == b for a, b in zip(toks, first)) / len(toks), 2),
-                         "failed": scores.failed, "decoder_info": info["decoder"],
+                         "failed": scores.failed, "decoder_info": info["decoder"], "rescore": info["rescore"],
                          "decoder_graphs": info["decoder_graphs"]})
             print(json.dumps(rows[-1]), flush=True)
     best = {f"{r['decoder']} {r['precision']} enc-{r['encoder_precision']}{''.join(' ' + f for f in r['flags'])} "

@@ -4,7 +4,9 @@ Sources:
 - an engine directory (``abm_rt.engine_dir``): re-exported as is;
 - a trainer state directory (``training/checkpoint.py``'s ``save_state``: ``state.json`` and
   ``state-*.safetensors`` holding ``model.<key>`` tensors of the bidirectional training model). The
-  R2L branch (``r2l.`` keys) is dropped; the dimensions come from the run's config in ``state.json``.
+  dimensions come from the run's config in ``state.json``.
+Either way the R2L branch, when the source has it, is kept as ``r2l.safetensors`` (bidirectional
+rescoring, ``abm_rt.decode.rescore``); the exported graphs are of the L2R branch.
 
 The engine directory gets ``config.json``, ``vocab.txt`` and ``model.safetensors`` from
 ``save_engine``, then ``encoder.onnx``, ``decoder_prepare.onnx``, ``decoder_step.onnx`` (and
@@ -46,9 +48,10 @@ def is_trainer_state(path: str | Path) -> bool:
     return (Path(path) / STATE_META).is_file()
 
 
-def load_trainer_state(path: str | Path, bidirectional: bool = False) -> tuple[ABM, dict[str, Any]]:
+def load_trainer_state(path: str | Path, bidirectional: bool | None = False) -> tuple[ABM, dict[str, Any]]:
     """The model of a trainer state directory and the state's ``meta``: the inference model (encoder +
-    L2R) by default, both branches with ``bidirectional`` (a warm start that keeps R2L)."""
+    L2R) by default, both branches with ``bidirectional`` (a warm start that keeps R2L), and with None
+    both when the state has an R2L branch (a run trained with ``--bidirectional false`` has none)."""
     from training.checkpoint import load_model_weights
 
     path = Path(path)
@@ -61,6 +64,8 @@ def load_trainer_state(path: str | Path, bidirectional: bool = False) -> tuple[A
         cfg = ModelConfig(**overrides)
     except (TypeError, ValueError) as e:
         raise EngineError(f"{path / STATE_META}: bad model config {overrides} ({e})") from e
+    if bidirectional is None:
+        bidirectional = any(k.startswith("r2l.") for k in weights)
     model = ABM(cfg, bidirectional=bidirectional)
     if not bidirectional:
         weights = {k: v for k, v in weights.items() if not k.startswith("r2l.")}
@@ -69,7 +74,8 @@ def load_trainer_state(path: str | Path, bidirectional: bool = False) -> tuple[A
 
 
 def load_source(path: str | Path) -> tuple[ABM, Vocab, dict[str, Any]]:
-    """(inference model, vocabulary, provenance) of an engine directory or a trainer state directory."""
+    """(model, vocabulary, provenance) of an engine directory or a trainer state directory; the model
+    has its R2L branch when the source does."""
     path = Path(path)
     if not path.exists():
         raise EngineError(f"{path} does not exist")
@@ -79,7 +85,7 @@ def load_source(path: str | Path) -> tuple[ABM, Vocab, dict[str, Any]]:
         prov.setdefault("converted_from", str(path))
         return engine.model, engine.vocab, prov
     if is_trainer_state(path):
-        model, meta = load_trainer_state(path)
+        model, meta = load_trainer_state(path, bidirectional=None)
         prov = {"converted_from": str(path), "source": "trainer state",
                 **{k: meta[k] for k in ("epoch", "step", "best_exprate", "best_epoch") if k in meta}}
         return model, Vocab.default(), prov
@@ -177,7 +183,7 @@ def convert(model_path: str | Path, out: str | Path, precision: str = "fp32", ca
             load_calibration_images(calibration, calibration_count)
 
     out = Path(out)
-    save_engine(out, model, vocab, precision=precision, provenance=provenance)
+    save_engine(out, model, vocab, precision=precision, provenance=provenance, with_r2l=model.r2l is not None)
     files = dict(read_config(out).get("files") or {})
     export_encoder(model, out / ENCODER_ONNX, opset)
     export_decoder_prepare(model.l2r, out / DECODER_PREPARE_ONNX, opset)

@@ -191,7 +191,7 @@ def source_engine(tmp_path_factory):
     return save_engine(tmp_path_factory.mktemp("src") / "eng", model, Vocab.default()), model
 
 
-def check_converted(out, precision, model):
+def check_converted(out, precision, model, with_r2l=False):
     config = read_config(out)
     assert config["precision"] == precision
     files = config["files"]
@@ -205,8 +205,10 @@ def check_converted(out, precision, model):
     assert exp["shape_range"]["max"] == {"height": 512, "width": 2048}
     assert exp["check"]["encoder_max_rel_error"] <= FP32_TOL
     eng = load_engine(out)
-    assert eng.model.r2l is None and eng.model_config == SMALL_CFG
-    for k, v in model.inference_state_dict().items():
+    assert eng.has_r2l == with_r2l == ("r2l" in files) and eng.model_config == SMALL_CFG
+    expected = model.state_dict() if with_r2l else model.inference_state_dict()   # R2L when the source has it
+    assert set(eng.model.state_dict()) == set(expected)
+    for k, v in expected.items():
         assert torch.equal(eng.model.state_dict()[k], v), k
     return config
 
@@ -237,7 +239,7 @@ def test_convert_cli_fp32_and_int8(source_engine, tmp_path, capsys):
 
 def test_convert_from_trainer_state(tmp_path):
     """A trainer state directory (state.json + shards of the bidirectional model) converts: the R2L branch is
-    dropped and the dimensions come from the run's config."""
+    kept (r2l.safetensors, for rescoring) and the dimensions come from the run's config."""
     from abm_rt.cli import main
     from training.checkpoint import save_state
 
@@ -248,7 +250,7 @@ def test_convert_from_trainer_state(tmp_path):
     state = save_state(tmp_path / "state", model, opt, meta)
     out = tmp_path / "eng"
     assert main(["convert", str(state), "--out", str(out)]) == 0
-    config = check_converted(out, "fp32", model)
+    config = check_converted(out, "fp32", model, with_r2l=True)
     assert config["provenance"]["epoch"] == 3
 
 

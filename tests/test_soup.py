@@ -12,15 +12,29 @@ from training.soup import average_engines, main
 TINY = {"growth": 8, "block_depth": 2, "hidden": 32, "embed": 32, "attn": 32}
 
 
-def _engine(path, seed: int, **dims):
+def _engine(path, seed: int, with_r2l: bool = False, **dims):
     torch.manual_seed(seed)
-    model = ABM(ModelConfig(**{**TINY, **dims}))
+    model = ABM(ModelConfig(**{**TINY, **dims}), bidirectional=with_r2l)
     initialize(model)
     with torch.no_grad():   # BN statistics that differ between the engines, so their average is checked too
         for name, buf in model.named_buffers():
             if name.endswith("running_mean"):
                 buf.normal_()
-    return save_engine(path, model, Vocab.default(), provenance={"seed": seed})
+    return save_engine(path, model, Vocab.default(), provenance={"seed": seed}, with_r2l=with_r2l)
+
+
+def test_r2l_branch_is_averaged_when_every_engine_has_it(tmp_path):
+    """Engines with R2L give a soup with the averaged R2L; one engine without it gives a soup without."""
+    a, b = _engine(tmp_path / "a", 1, with_r2l=True), _engine(tmp_path / "b", 2, with_r2l=True)
+    soup = load_engine(average_engines([a, b], tmp_path / "soup"))
+    assert soup.has_r2l
+    wa, wb = load_engine(a).model.r2l.W_o.weight, load_engine(b).model.r2l.W_o.weight
+    torch.testing.assert_close(soup.model.r2l.W_o.weight, 0.5 * (wa + wb))
+    c = _engine(tmp_path / "c", 3)
+    mixed = load_engine(average_engines([a, c], tmp_path / "mixed"))
+    assert not mixed.has_r2l
+    torch.testing.assert_close(mixed.model.l2r.W_o.weight,
+                               0.5 * (load_engine(a).model.l2r.W_o.weight + load_engine(c).model.l2r.W_o.weight))
 
 
 def test_weighted_average_of_every_floating_tensor(tmp_path):

@@ -3,7 +3,8 @@
     python -m training.bundle RUN_DIR/state OUT_ENGINE_DIR [--log RUN_DIR/log.jsonl]
 
 This is how the package's default engine (abm_rt/assets/default) is made from a training run; the
-engine keeps the encoder and the L2R branch (the inference model) and records where it came from.
+engine keeps the encoder and the L2R branch (the inference model), the R2L branch when the run trained
+one (for bidirectional rescoring), and records where it came from.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def bundle(state_dir: str | Path, out: str | Path, log: str | Path | None = None
     """Write the inference engine of the trainer state at ``state_dir`` to ``out``."""
     from export.convert import load_trainer_state
 
-    model, meta = load_trainer_state(state_dir)
+    model, meta = load_trainer_state(state_dir, bidirectional=None)
     provenance = {"trained_by": "abm_rt training", "run": run_name, "epoch": meta.get("epoch"),
                   "train_seconds": round(meta.get("train_seconds", 0.0), 1), "train_config": meta.get("config")}
     if log and Path(log).is_file():
@@ -28,7 +29,7 @@ def bundle(state_dir: str | Path, out: str | Path, log: str | Path | None = None
         if last_val:
             provenance["val_2014_last"] = {k[4:]: last_val[-1][k] for k in last_val[-1] if k.startswith("val_")}
             provenance["val_2014_last"]["epoch"] = last_val[-1]["epoch"]
-    return save_engine(out, model, Vocab.default(), provenance=provenance)
+    return save_engine(out, model, Vocab.default(), provenance=provenance, with_r2l=model.r2l is not None)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from abm_rt.engine_dir import load_engine, save_engine
+from abm_rt.model import ABM
 
 
 def average_engines(sources: Sequence[str | Path], out: str | Path,
@@ -52,7 +53,9 @@ def average_engines(sources: Sequence[str | Path], out: str | Path,
             raise ValueError(f"{e.path}: model dimensions {e.model.cfg} differ from {first.path}'s {first.model.cfg}")
         if e.vocab.tokens != first.vocab.tokens:
             raise ValueError(f"{e.path}: its vocabulary differs from {first.path}'s")
-    states = [e.model.state_dict() for e in engines]
+    # The R2L branch is averaged too when every engine has one; otherwise the soup has none.
+    with_r2l = all(e.has_r2l for e in engines)
+    states = [e.model.state_dict() if with_r2l else e.model.inference_state_dict() for e in engines]
     averaged = {}
     for name, ref in states[0].items():
         if ref.is_floating_point():
@@ -62,12 +65,13 @@ def average_engines(sources: Sequence[str | Path], out: str | Path,
             averaged[name] = acc.to(ref.dtype)
         else:
             averaged[name] = ref.clone()
-    first.model.load_state_dict(averaged)
+    model = first.model if with_r2l or not first.has_r2l else ABM(first.model.cfg)
+    model.load_state_dict(averaged)
     provenance = {"made_by": "training.soup (weighted average of engine weights)", "run": run_name,
                   "weights": [round(w, 6) for w in weights],
                   "sources": [{"name": names[i] if names else None, "path": str(e.path),
                                "provenance": e.config.get("provenance", {})} for i, e in enumerate(engines)]}
-    return save_engine(out, first.model, first.vocab, provenance=provenance)
+    return save_engine(out, model, first.vocab, provenance=provenance, with_r2l=with_r2l)
 
 
 def main(argv: list[str] | None = None) -> None:

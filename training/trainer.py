@@ -213,7 +213,7 @@ class Trainer:
             self.graphed = GraphedTrainStep(self.model, self.opt, self._loss, cfg.clip)
 
     def _warm_start(self, source: str) -> None:
-        """Weights (and BN statistics) from an engine directory (encoder and L2R: R2L keeps its init) or
+        """Weights (and BN statistics) from an engine directory (encoder, L2R and R2L when it has one) or
         from a trainer state directory, e.g. a ``--export-weights`` or fp16 weights export (every branch,
         R2L included; the optimizer, schedule and epoch start afresh)."""
         from abm_rt.engine_dir import default_engine_path, load_engine
@@ -228,9 +228,9 @@ class Trainer:
             src, where = engine.model, engine.path
         if src.cfg != self.model.cfg:
             raise ValueError(f"--init-from {source}: its model dimensions {src.cfg} differ from this run's")
-        with torch.no_grad():   # every branch the source has (an engine has no R2L: that keeps its init)
+        with torch.no_grad():   # every branch both have (an engine without R2L leaves R2L at its init)
             for name in ("encoder", "l2r", "r2l"):
-                if getattr(src, name, None) is not None:
+                if getattr(src, name, None) is not None and getattr(self.model, name, None) is not None:
                     getattr(self.model, name).load_state_dict(getattr(src, name).state_dict())
         self.meta["init_from"] = str(where)
 
@@ -398,7 +398,7 @@ class Trainer:
                 self.meta["best_weights"] = weights
                 with self.ema.applied() if weights == "ema" else nullcontext():
                     save_engine(self.out / "best_engine", self.model, self.vocab,
-                                provenance={"trained_by": "abm_rt training", "epoch": e, "weights": weights,
+                                with_r2l=self.model.r2l is not None, provenance={"trained_by": "abm_rt training", "epoch": e, "weights": weights,
                                             "val_2014": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
                                             "train_config": asdict(cfg)})
                 record["saved_best"] = weights

@@ -20,6 +20,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="decode steps before giving up on an expression; its best partial result is then "
                         "returned marked truncated (default 256)")
+    p.add_argument("--rescore", choices=("auto", "r2l", "none"), default="auto",
+                   help="r2l: the R2L branch re-scores the L2R beam's finished hypotheses (bidirectional "
+                        "rescoring: +1.0 ExpRate on CROHME 2014, see README.md); none: the L2R beam alone, as the "
+                        "paper; auto (default): r2l when the engine has the R2L branch")
+    p.add_argument("--rescore-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the R2L score against the L2R one (default 1.0)")
     p.add_argument("--decoder", choices=("auto", "native", "pytorch"), default="auto",
                    help="beam search implementation: native (abm_rt._C kernels), pytorch, or auto (default)")
     p.add_argument("--encoder-backend", choices=("auto", "tensorrt", "pytorch", "onnxruntime"), default="auto",
@@ -44,4 +50,4 @@ def make_recognizer(args: argparse.Namespace):
     return Recognizer(args.engine, device=args.device, beam_size=args.beam, max_batch_size=args.batch_size,
                       max_len=args.max_len, image_options=opts, decoder=args.decoder,
                       encoder_backend=args.encoder_backend, pad_multiple=args.pad_multiple,
-                      canvas_grid=args.canvas_grid)
+                      canvas_grid=args.canvas_grid, rescore=args.rescore, rescore_weight=args.rescore_weight)

@@ -19,7 +19,7 @@ from .types import DecodedSequence, default_max_len
 @torch.no_grad()
 def beam_search(branch: DecoderBranch, features: torch.Tensor, mask: torch.Tensor, beam_size: int = 10,
                 max_len: int | None = None, return_attention: bool = False, check_every: int = 1,
-                sos: int = SOS_ID, eos: int = EOS_ID) -> list[DecodedSequence]:
+                sos: int = SOS_ID, eos: int = EOS_ID, keep_candidates: bool = False) -> list[DecodedSequence]:
     """Beam search for a padded batch.
 
     Args:
@@ -31,6 +31,7 @@ def beam_search(branch: DecoderBranch, features: torch.Tensor, mask: torch.Tenso
             hypothesis is returned with ``truncated=True``.
         return_attention: also return each chosen hypothesis's attention maps (cropped to valid cells).
         check_every: test for "all images finished" every this many steps (each test is a host sync).
+        keep_candidates: also return every finished hypothesis (``DecodedSequence.candidates``).
     Returns:
         One ``DecodedSequence`` per image, in batch order.
     """
@@ -108,4 +109,4 @@ def beam_search(branch: DecoderBranch, features: torch.Tensor, mask: torch.Tenso
         fin_step=fin_step.cpu().numpy(), fin_cand=fin_cand.cpu().numpy(), dead=dead.cpu().numpy(),
         score=score.cpu().numpy(), steps=steps, valid=mask.cpu().numpy(),
         alphas=torch.stack(alphas).float().cpu().numpy() if return_attention else None)
-    return backtrack(history)
+    return backtrack(history, keep_candidates)

@@ -334,7 +334,8 @@ def _replay_search(c: _CapturedSearch, max_len: int, G: int) -> int:
 def native_beam_search(decoder: NativeDecoder, features: torch.Tensor, mask: torch.Tensor, beam_size: int = 10,
                        max_len: int | None = None, return_attention: bool = False, check_every: int = 4,
                        sos: int = SOS_ID, eos: int = EOS_ID, cuda_graph: bool = False,
-                       compact: bool = True, graphs: SearchGraphs | None = None) -> list[DecodedSequence]:
+                       compact: bool = True, graphs: SearchGraphs | None = None,
+                       keep_candidates: bool = False) -> list[DecodedSequence]:
     """Beam search for a padded batch (see ``batched.beam_search`` for the arguments).
 
     Args:
@@ -378,8 +379,8 @@ def native_beam_search(decoder: NativeDecoder, features: torch.Tensor, mask: tor
         else:
             captured.load(feats, h0)
         steps = _replay_search(captured, max_len, check_every)
-        return backtrack(captured.s.history(steps, mask, None))
+        return backtrack(captured.s.history(steps, mask, None), keep_candidates)
     s = _SearchState.allocate(h0, sos, B, k, feats.H * feats.W, max_len)
     alphas = [] if return_attention else None
     steps = _eager_search(decoder, feats, row_image, s, eos, max_len, check_every, alphas, compact)
-    return backtrack(s.history(steps, mask, alphas))
+    return backtrack(s.history(steps, mask, alphas), keep_candidates)

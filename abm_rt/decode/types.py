@@ -1,7 +1,7 @@
 """What a beam search returns, and the choice rules shared by the oracle and the batched search."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,15 @@ def length_normalized(score: float, num_symbols: int) -> float:
 
 
 @dataclass
+class Candidate:
+    """One finished hypothesis of a beam search, kept for rescoring."""
+
+    tokens: list[int]             # symbol ids, without sos/eos
+    score: float                  # raw sum of -log p of the searching branch, eos included
+    attention: np.ndarray | None = None   # [len(tokens), H', W'], when the search kept attention
+
+
+@dataclass
 class DecodedSequence:
     """The chosen hypothesis for one image."""
 
@@ -31,3 +40,4 @@ class DecodedSequence:
     normalized_score: float       # score / (len(tokens) + 1), the quantity the final choice minimises
     truncated: bool               # True when no hypothesis finished within max_len
     attention: np.ndarray | None = None   # [len(tokens), H', W'] attention per emitted symbol, on request
+    candidates: list[Candidate] = field(default_factory=list)   # every finished hypothesis, on request

@@ -1,0 +1,122 @@
+"""Bidirectional rescoring: the R2L branch re-scores the L2R beam's finished hypotheses.
+
+ABM trains an R2L decoder beside the L2R one (spec 4.3) and the paper throws it away at inference.
+Here it earns its keep: every hypothesis the L2R beam search finished is scored once more by the R2L
+branch, teacher-forced on the reversed tokens (input ``eos, y_n .. y_1``, target ``y_n .. y_1, sos``,
+spec 4.2), and each image keeps the hypothesis with the lowest
+
+    (score_L2R + weight * score_R2L) / (n + 1)
+
+where both scores are raw sums of -log p over the n + 1 predicted tokens. ``weight = 0`` gives back the
+L2R search's own choice (spec 5.1.4). The cost is one teacher-forced R2L pass over at most k
+hypotheses per image: about one more beam search's worth of decode steps, without the top-k.
+
+The pass runs through the same step as the search: the native decoder's ``step`` (C++ or CUDA) when one
+is given, else ``DecoderBranch.step`` in PyTorch.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..data.vocab import EOS_ID, SOS_ID
+from ..model.decoder import DecoderBranch
+from .types import DecodedSequence
+
+
+def reversed_teacher_tensors(token_lists: Sequence[Sequence[int]], sos: int = SOS_ID, eos: int = EOS_ID
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R2L decoder inputs and targets (spec 4.2) for each token list: (inputs [R, T], targets [R, T],
+    steps [R] = n + 1). Padding after a sequence (inputs eos, targets sos) is masked by ``steps``."""
+    R = len(token_lists)
+    steps = torch.tensor([len(t) + 1 for t in token_lists], dtype=torch.long)
+    T = int(steps.max()) if R else 1
+    inputs = torch.full((R, T), eos, dtype=torch.long)
+    targets = torch.full((R, T), sos, dtype=torch.long)
+    for r, toks in enumerate(token_lists):
+        if toks:
+            rev = torch.tensor(list(toks)[::-1], dtype=torch.long)
+            inputs[r, 1:len(toks) + 1] = rev
+            targets[r, :len(toks)] = rev
+    return inputs, targets, steps
+
+
+@torch.no_grad()
+def teacher_forced_scores(branch: DecoderBranch, features: torch.Tensor, mask: torch.Tensor,
+                          row_image: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                          steps: torch.Tensor, native=None) -> torch.Tensor:
+    """Raw -log p sums [R] of ``targets`` under teacher forcing, one row per (image, token sequence).
+
+    Args:
+        branch: the decoder branch to score with (PyTorch weights; used for h_0 and, without
+            ``native``, for every step).
+        features, mask: the encoded batch [B, D, H', W'] and its valid cells [B, H', W'].
+        row_image: [R] the image of each row.
+        inputs, targets: [R, T] token ids; steps: [R] how many leading steps of each row count.
+        native: a ``NativeDecoder`` of the same branch, to run the steps through ``abm_rt._C``.
+    """
+    R, T = inputs.shape
+    if native is not None:
+        dev = native.device
+        feats = native.prepare(features, mask)
+        rows = row_image.to(dev)
+        hidden = native.initial_state(features, mask).index_select(0, rows)
+        coverage = torch.zeros(R, feats.H * feats.W, device=dev)
+
+        def step(prev: torch.Tensor, h: torch.Tensor, cov: torch.Tensor):
+            out = native.step(feats, prev, h, cov, rows)
+            return out.log_probs, out.hidden, out.coverage
+    else:
+        dev = features.device
+        rows = row_image.to(dev)
+        cache = branch.prepare(features, mask).index_select(rows)
+        hidden = branch.initial_state(features, mask).index_select(0, rows)
+        coverage = torch.zeros(R, *features.shape[2:], dtype=cache.ua_f.dtype, device=dev)
+
+        def step(prev: torch.Tensor, h: torch.Tensor, cov: torch.Tensor):
+            out = branch.step(cache, prev, h, cov)
+            return torch.log_softmax(out.logits.float(), -1), out.hidden, out.coverage
+    inputs, targets = inputs.to(dev), targets.to(dev)
+    counts = torch.arange(T, device=dev)[None, :] < steps.to(dev)[:, None]
+    total = torch.zeros(R, device=dev)
+    for t in range(T):
+        log_probs, hidden, coverage = step(inputs[:, t], hidden, coverage)
+        total -= log_probs.float().gather(1, targets[:, t:t + 1])[:, 0] * counts[:, t]
+    return total.cpu()
+
+
+def rescore_with_r2l(seqs: list[DecodedSequence], r2l: DecoderBranch, features: torch.Tensor,
+                     mask: torch.Tensor, weight: float = 1.0, native=None) -> list[DecodedSequence]:
+    """Re-choose each image's hypothesis among its finished candidates by the L2R + R2L score.
+
+    Args:
+        seqs: the L2R search's results for the batch, with ``candidates`` (``keep_candidates=True``).
+        r2l: the R2L branch; native: its ``NativeDecoder`` (optional, see ``teacher_forced_scores``).
+        features, mask: the batch the search decoded.
+        weight: the R2L score's weight (0 keeps the L2R choice).
+    Returns:
+        ``seqs`` with each image's chosen hypothesis replaced (tokens, ``score`` = its L2R raw score,
+        ``normalized_score`` = the combined score / ((n + 1) (1 + weight)), a per-token average over both
+        branches). Images without finished candidates (truncated) are left as they are. The attention
+        maps, when the search returned them, are the chosen candidate's.
+    """
+    rows = [(b, c) for b, s in enumerate(seqs) for c in s.candidates]
+    if not rows or weight == 0:
+        return seqs
+    inputs, targets, steps = reversed_teacher_tensors([c.tokens for _, c in rows])
+    row_image = torch.tensor([b for b, _ in rows], dtype=torch.long)
+    r2l_scores = teacher_forced_scores(r2l, features, mask, row_image, inputs, targets, steps, native).tolist()
+    best: dict[int, tuple[float, int]] = {}
+    for r, (b, c) in enumerate(rows):
+        combined = (c.score + weight * r2l_scores[r]) / (len(c.tokens) + 1)
+        if b not in best or combined < best[b][0]:
+            best[b] = (combined, r)
+    for b, (combined, r) in best.items():
+        c = rows[r][1]
+        s = seqs[b]
+        s.tokens, s.score, s.truncated = list(c.tokens), c.score, False
+        s.normalized_score = combined / (1.0 + weight)
+        if c.attention is not None:
+            s.attention = c.attention
+    return seqs

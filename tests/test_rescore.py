@@ -1,0 +1,204 @@
+"""Bidirectional rescoring (abm_rt.decode.rescore): kept candidates, teacher-forced scores against the
+training forward, the re-choice rule, engines that carry the R2L branch, and the Recognizer option."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from abm_rt import Recognizer
+from abm_rt.data.buckets import pad_batch
+from abm_rt.data.vocab import EOS_ID, SOS_ID, Vocab
+from abm_rt.decode import beam_search
+from abm_rt.decode import native
+from abm_rt.decode.rescore import reversed_teacher_tensors, rescore_with_r2l, teacher_forced_scores
+from abm_rt.engine_dir import R2L_FILE, EngineError, load_engine, save_engine
+from abm_rt.model import scaled_random_model
+
+from conftest import SMALL_CFG, random_ink_image
+
+SIZES = [(94, 256), (40, 100), (64, 200), (17, 90)]
+K = 5
+needs_native = pytest.mark.skipif(not native.is_available("cpu"), reason="abm_rt._C is not built")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small random bidirectional model whose L2R beams finish within a few steps."""
+    return scaled_random_model(SMALL_CFG, seed=4, bidirectional=True, eos_bias=3.0)
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    """A padded batch of random ink images, encoded: (features, mask)."""
+    g = torch.Generator().manual_seed(7)
+    imgs = [random_ink_image(h, w, g) for h, w in SIZES]
+    H, W = max(h for h, _ in SIZES), max(w for _, w in SIZES)
+    x = torch.zeros(len(SIZES), 1, H, W)
+    pm = torch.zeros(len(SIZES), H, W, dtype=torch.bool)
+    for i, im in enumerate(imgs):
+        x[i, :, :im.shape[2], :im.shape[3]] = im[0]
+        pm[i, :im.shape[2], :im.shape[3]] = True
+    with torch.no_grad():
+        return model.encode(x, pm)
+
+
+def _training_forward_scores(branch, features, mask, rows, inputs, targets, steps):
+    """The oracle: raw -log p sums from ``teacher_forward``, the training code path."""
+    with torch.no_grad():
+        logits, _ = branch.teacher_forward(features.index_select(0, rows), mask.index_select(0, rows), inputs)
+    logp = torch.log_softmax(logits.float(), -1).gather(2, targets[..., None])[..., 0]
+    return -(logp * (torch.arange(inputs.shape[1])[None] < steps[:, None])).sum(1)
+
+
+def _forward_tensors(token_lists):
+    """L2R inputs (sos, y_1..y_n) and targets (y_1..y_n, eos) with steps n + 1."""
+    steps = torch.tensor([len(t) + 1 for t in token_lists])
+    T = int(steps.max())
+    inputs = torch.full((len(token_lists), T), SOS_ID)
+    targets = torch.full((len(token_lists), T), EOS_ID)
+    for r, toks in enumerate(token_lists):
+        inputs[r, 1:len(toks) + 1] = torch.tensor(toks, dtype=torch.long)
+        targets[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+    return inputs, targets, steps
+
+
+def test_candidates_are_the_finished_hypotheses(model, batch):
+    """keep_candidates returns every finished hypothesis (at most k), the winner among them, and each
+    candidate's search score equals its teacher-forced L2R score; the winner is unchanged."""
+    features, mask = batch
+    plain = beam_search(model.l2r, features, mask, K, max_len=30)
+    seqs = beam_search(model.l2r, features, mask, K, max_len=30, keep_candidates=True)
+    rows, tokens, scores = [], [], []
+    for b, (s, p) in enumerate(zip(seqs, plain)):
+        assert (s.tokens, s.score) == (p.tokens, p.score)
+        assert 1 <= len(s.candidates) <= K and not s.truncated
+        assert s.tokens in [c.tokens for c in s.candidates]
+        for c in s.candidates:
+            rows.append(b), tokens.append(c.tokens), scores.append(c.score)
+    assert len(rows) > len(SIZES), "every image finished one hypothesis only: the test would be trivial"
+    inputs, targets, steps = _forward_tensors(tokens)
+    oracle = _training_forward_scores(model.l2r, features, mask, torch.tensor(rows), inputs, targets, steps)
+    np.testing.assert_allclose(scores, oracle.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_reversed_teacher_tensors():
+    """R2L inputs are eos, y_n..y_1 then eos padding; targets y_n..y_1, sos then sos padding (spec 4.2)."""
+    inputs, targets, steps = reversed_teacher_tensors([[5, 6, 7], [], [9]])
+    assert steps.tolist() == [4, 1, 2]
+    assert inputs.tolist() == [[EOS_ID, 7, 6, 5], [EOS_ID] * 4, [EOS_ID, 9, EOS_ID, EOS_ID]]
+    assert targets.tolist() == [[7, 6, 5, SOS_ID], [SOS_ID] * 4, [9, SOS_ID, SOS_ID, SOS_ID]]
+
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and native.is_available("cuda")),
+                                reason="needs a GPU visible to torch and a CUDA build of abm_rt._C")
+
+
+@pytest.mark.parametrize("use_native", [False, pytest.param("cpu", marks=needs_native),
+                                        pytest.param("cuda", marks=needs_cuda)])
+def test_r2l_scores_equal_the_training_forward(model, batch, use_native):
+    """teacher_forced_scores (decode step: PyTorch, the C++ kernels or the CUDA ones, on fresh random
+    inputs) equals the training forward in FP32 on the CPU."""
+    features, mask = batch
+    g = torch.Generator().manual_seed(1)
+    token_lists = [torch.randint(2, 113, (int(n),), generator=g).tolist() for n in (3, 0, 7, 5, 1, 9)]
+    rows = torch.tensor([0, 1, 2, 3, 2, 0])
+    inputs, targets, steps = reversed_teacher_tensors(token_lists)
+    dec = native.NativeDecoder(model.r2l, use_native, poison=True) if use_native else None
+    got = teacher_forced_scores(model.r2l, features, mask, rows, inputs, targets, steps, native=dec)
+    oracle = _training_forward_scores(model.r2l, features, mask, rows, inputs, targets, steps)
+    assert torch.isfinite(got).all() and (got > 0).all()
+    torch.testing.assert_close(got, oracle, rtol=1e-4, atol=1e-4)
+
+
+def test_rescore_picks_the_best_combined_score(model, batch):
+    """Weight 0 keeps the L2R choice; weight 1 picks argmin (L2R + R2L) / (n + 1) among the candidates,
+    and the reported normalized score is that value over (1 + weight)."""
+    features, mask = batch
+    seqs = beam_search(model.l2r, features, mask, K, max_len=30, keep_candidates=True)
+    before = [list(s.tokens) for s in seqs]
+    same = rescore_with_r2l(seqs, model.r2l, features, mask, weight=0.0)
+    assert [s.tokens for s in same] == before
+    seqs = beam_search(model.l2r, features, mask, K, max_len=30, keep_candidates=True)
+    expected = []
+    for b, s in enumerate(seqs):
+        inputs, targets, steps = reversed_teacher_tensors([c.tokens for c in s.candidates])
+        rows = torch.full((len(s.candidates),), b)
+        r2l = _training_forward_scores(model.r2l, features, mask, rows, inputs, targets, steps).tolist()
+        combined = [(c.score + r) / (len(c.tokens) + 1) for c, r in zip(s.candidates, r2l)]
+        i = int(np.argmin(combined))
+        expected.append((s.candidates[i].tokens, s.candidates[i].score, combined[i] / 2))
+    got = rescore_with_r2l(seqs, model.r2l, features, mask, weight=1.0)
+    for s, (tokens, score, norm) in zip(got, expected):
+        assert s.tokens == tokens and math.isclose(s.score, score, rel_tol=1e-6)
+        assert math.isclose(s.normalized_score, norm, rel_tol=1e-4, abs_tol=1e-5)
+
+
+@needs_native
+def test_native_search_keeps_the_same_candidates(model, batch):
+    """The native search's candidates are the PyTorch search's (tokens, and scores to 1e-4)."""
+    from abm_rt.decode.native_search import native_beam_search
+
+    features, mask = batch
+    ref = beam_search(model.l2r, features, mask, K, max_len=30, keep_candidates=True)
+    got = native_beam_search(native.NativeDecoder(model.l2r, "cpu"), features, mask, K, max_len=30,
+                             check_every=1, keep_candidates=True)
+    for a, b in zip(got, ref):
+        assert [c.tokens for c in a.candidates] == [c.tokens for c in b.candidates]
+        np.testing.assert_allclose([c.score for c in a.candidates], [c.score for c in b.candidates],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_engine_carries_the_r2l_branch(tmp_path, model):
+    """save_engine(with_r2l=True) writes r2l.safetensors and lists it; load_engine rebuilds both branches
+    exactly; saving without it removes a stale file; a bad or missing branch file is an EngineError."""
+    path = save_engine(tmp_path / "e", model, Vocab.default(), with_r2l=True)
+    eng = load_engine(path)
+    assert eng.has_r2l and eng.config["files"]["r2l"] == R2L_FILE
+    for k, v in model.state_dict().items():
+        assert torch.equal(eng.model.state_dict()[k], v), k
+    save_engine(path, model, Vocab.default())
+    assert not (path / R2L_FILE).exists() and not load_engine(path).has_r2l
+    save_engine(path, model, Vocab.default(), with_r2l=True)
+    (path / R2L_FILE).unlink()
+    with pytest.raises(EngineError, match="r2l.safetensors is missing"):
+        load_engine(path)
+    from safetensors.torch import save_file
+    save_file({"l2r.W_o.bias": torch.zeros(113)}, str(path / R2L_FILE))
+    with pytest.raises(EngineError, match="outside the R2L branch"):
+        load_engine(path)
+    with pytest.raises(ValueError, match="bidirectional"):
+        save_engine(tmp_path / "f", scaled_random_model(SMALL_CFG), Vocab.default(), with_r2l=True)
+
+
+def test_recognizer_rescore_option(tmp_path, model):
+    """auto rescoring is on for an engine with R2L and off without; r2l without the branch is an error;
+    the rescored results are those of rescore_with_r2l on the same batch; attention follows the choice."""
+    with_r2l = save_engine(tmp_path / "a", model, Vocab.default(), with_r2l=True)
+    without = save_engine(tmp_path / "b", model, Vocab.default())
+    opts = dict(device="cpu", beam_size=K, max_len=30, decoder="pytorch")
+    assert Recognizer(with_r2l, **opts).info()["rescore"] == "r2l (weight 1)"
+    assert Recognizer(without, **opts).info()["rescore"].startswith("none")
+    with pytest.raises(ValueError, match="R2L branch"):
+        Recognizer(without, rescore="r2l", **opts)
+    with pytest.raises(ValueError, match="rescore must be"):
+        Recognizer(with_r2l, rescore="yes", **opts)
+    g = torch.Generator().manual_seed(3)
+    images = [random_ink_image(h, w, g)[0, 0].numpy() for h, w in SIZES]
+    plain = Recognizer(with_r2l, rescore="none", **opts).predict(images)
+    rescored = Recognizer(with_r2l, **opts).predict(images, return_attention=True)
+    assert all(r.ok for r in plain + rescored)
+    rec = Recognizer(with_r2l, rescore="none", **opts)
+    x, pm = pad_batch(images, multiple=16)          # the Recognizer's one batch of these four images
+    f, m = rec.encoder.encode(x, pm)
+    seqs = beam_search(model.l2r, f, m, K, max_len=30, keep_candidates=True, return_attention=True)
+    ref = rescore_with_r2l(seqs, model.r2l, f, m)
+    for s, r in zip(ref, rescored):
+        assert rec.vocab.decode(s.tokens) == r.tokens
+        assert math.isclose(-s.normalized_score, r.score, rel_tol=1e-5)
+        assert s.attention.shape[0] == len(s.tokens) and np.array_equal(s.attention, r.attention)
+    assert [r.tokens for r in plain] == [rec.vocab.decode(s.tokens) for s in
+                                         beam_search(model.l2r, f, m, K, max_len=30)]
+    assert any(a.tokens != b.tokens for a, b in zip(plain, rescored)), "rescoring changed nothing: a trivial test"
