@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ..data.vocab import EOS_ID, SOS_ID
-from ..model.decoder import DecoderBranch
+from ..model.decoder import DecoderBranch, FeatureCache
 from .types import DecodedSequence
 
 
@@ -57,6 +57,12 @@ def teacher_forced_scores(branch: DecoderBranch, features: torch.Tensor, mask: t
         native: a ``NativeDecoder`` of the same branch, to run the steps through ``abm_rt._C``.
     """
     R, T = inputs.shape
+    # Rows sorted longest first: at step t the rows still scoring are a prefix, and only that prefix runs,
+    # so the work is the sum of the lengths, not R times the longest (a batch's candidates differ a lot).
+    order = torch.argsort(steps, descending=True, stable=True)
+    steps_sorted = steps[order]
+    active = [int((steps_sorted > t).sum()) for t in range(T)]      # host side: steps is a CPU tensor
+    inputs, targets, row_image = inputs[order], targets[order], row_image[order]
     if native is not None:
         dev = native.device
         feats = native.prepare(features, mask)
@@ -64,8 +70,8 @@ def teacher_forced_scores(branch: DecoderBranch, features: torch.Tensor, mask: t
         hidden = native.initial_state(features, mask).index_select(0, rows)
         coverage = torch.zeros(R, feats.H * feats.W, device=dev)
 
-        def step(prev: torch.Tensor, h: torch.Tensor, cov: torch.Tensor):
-            out = native.step(feats, prev, h, cov, rows)
+        def step(n: int, prev: torch.Tensor, h: torch.Tensor, cov: torch.Tensor):
+            out = native.step(feats, prev, h, cov, rows[:n])
             return out.log_probs, out.hidden, out.coverage
     else:
         dev = features.device
@@ -74,16 +80,20 @@ def teacher_forced_scores(branch: DecoderBranch, features: torch.Tensor, mask: t
         hidden = branch.initial_state(features, mask).index_select(0, rows)
         coverage = torch.zeros(R, *features.shape[2:], dtype=cache.ua_f.dtype, device=dev)
 
-        def step(prev: torch.Tensor, h: torch.Tensor, cov: torch.Tensor):
-            out = branch.step(cache, prev, h, cov)
+        def step(n: int, prev: torch.Tensor, h: torch.Tensor, cov: torch.Tensor):
+            part = FeatureCache(cache.features[:n], cache.mask[:n], cache.ua_f[:n], cache.cov_weight, cache.cov_bias)
+            out = branch.step(part, prev, h, cov)
             return torch.log_softmax(out.logits.float(), -1), out.hidden, out.coverage
     inputs, targets = inputs.to(dev), targets.to(dev)
-    counts = torch.arange(T, device=dev)[None, :] < steps.to(dev)[:, None]
     total = torch.zeros(R, device=dev)
-    for t in range(T):
-        log_probs, hidden, coverage = step(inputs[:, t], hidden, coverage)
-        total -= log_probs.float().gather(1, targets[:, t:t + 1])[:, 0] * counts[:, t]
-    return total.cpu()
+    for t, n in enumerate(active):
+        if n == 0:
+            break
+        log_probs, hidden, coverage = step(n, inputs[:n, t], hidden[:n], coverage[:n])
+        total[:n] -= log_probs.float().gather(1, targets[:n, t:t + 1])[:, 0]
+    result = torch.empty_like(total)
+    result[order.to(dev)] = total
+    return result.cpu()
 
 
 def rescore_with_r2l(seqs: list[DecodedSequence], r2l: DecoderBranch, features: torch.Tensor,
