@@ -49,6 +49,7 @@ def _eval_headline(doc: dict) -> dict | None:
     return {"set": name, "model": run,
             "encoder": f"{rec.get('encoder_backend', '?')} {enc.get('precision', rec.get('precision', ''))}".strip(),
             "decoder": rec.get("decoder", "?"), "beam": rec.get("beam_size"),
+            **({"rescore": rec["rescore"]} if "rescore" in rec else {}),
             "ExpRate": round(s["exprate"], 2), "<=1": round(s["le1"], 2), "<=2": round(s["le2"], 2),
             "WER": round(s["wer"], 2), "items": s["total"], "img/s": s.get("images_per_second")}
 

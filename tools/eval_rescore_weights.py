@@ -1,0 +1,109 @@
+"""How much bidirectional rescoring can give on a labelled set, and how it depends on the R2L weight.
+
+One L2R beam search per batch (the Recognizer's encoder, batching and decoder), every finished hypothesis
+kept and scored once by the R2L branch (``decode.rescore``). From those scores, for each weight w in
+``--weights``: the ExpRate when each image keeps the lowest ``(L2R + w * R2L) / (n + 1)`` (w = 0 is the
+L2R search's own choice), plus the oracle: the share of images whose reference is among the finished
+hypotheses at all (no weight can do better). Writes a JSON under benchmarks/results/.
+
+    python3 tools/eval_rescore_weights.py ../shared/data/crohme/2014 --device cpu --batch-size 16
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from abm_rt import Recognizer  # noqa: E402
+from abm_rt.data.buckets import pad_batch, size_batches  # noqa: E402
+from abm_rt.data.crohme import find_caption_file, read_captions  # noqa: E402
+from abm_rt.data.images import ImageOptions, load_image  # noqa: E402
+from abm_rt.decode.rescore import reversed_teacher_tensors, teacher_forced_scores  # noqa: E402
+from abm_rt.version import source_commit  # noqa: E402
+
+
+def candidate_scores(rec: Recognizer, images: list, batch_size: int) -> list[list[tuple[list[str], float, float]]]:
+    """Per image: (tokens, L2R raw score, R2L raw score) of every finished hypothesis of its L2R beam."""
+    from abm_rt.decode.native_search import native_beam_search
+    from abm_rt.decode import beam_search
+
+    out: list = [None] * len(images)
+    groups = size_batches([im.shape for im in images], batch_size, rec.max_batch_pixels)
+    for g in groups:
+        with torch.inference_mode():
+            x, pm = pad_batch([images[i] for i in g], multiple=rec.pad_multiple, grid=rec.canvas_grid)
+            f, m = rec.encoder.encode(x, pm)
+            if rec._native is not None:
+                seqs = native_beam_search(rec._native, f, m, rec.beam_size, max_len=rec.max_len, keep_candidates=True)
+            else:
+                seqs = beam_search(rec.model.l2r, f, m, rec.beam_size, max_len=rec.max_len, keep_candidates=True)
+            rows = [(j, c) for j, s in enumerate(seqs) for c in s.candidates]
+            r2l = []
+            if rows:
+                inputs, targets, steps = reversed_teacher_tensors([c.tokens for _, c in rows])
+                row_image = torch.tensor([j for j, _ in rows])
+                r2l = teacher_forced_scores(rec.model.r2l, f, m, row_image, inputs, targets, steps,
+                                            rec._native_r2l).tolist()
+        for i in g:
+            out[i] = []
+        for (j, c), s in zip(rows, r2l):
+            out[g[j]].append((rec.vocab.decode(c.tokens), c.score, s))
+    return out
+
+
+def main() -> int:
+    """Command line."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", metavar="DATASET_DIR")
+    ap.add_argument("--engine", default=None, help="engine directory with r2l.safetensors (default: the bundled one)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--beam", type=int, default=10)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--weights", default="0,0.3,0.5,0.7,1,1.5,2", help="comma separated R2L weights")
+    ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: benchmarks/results/...)")
+    args = ap.parse_args()
+    folder = Path(args.dataset)
+    captions = read_captions(find_caption_file(folder))[: args.limit]
+    rec = Recognizer(args.engine, device=args.device, beam_size=args.beam, rescore="r2l")
+    images = [load_image(str(folder / f"{n}.png"), ImageOptions()).pixels for n, _ in captions]
+    t0 = time.perf_counter()
+    cands = candidate_scores(rec, images, args.batch_size)
+    seconds = time.perf_counter() - t0
+    refs = [t for _, t in captions]
+    n = len(refs)
+    rows = []
+    for w in [float(x) for x in args.weights.split(",")]:
+        right = 0
+        for ref, cs in zip(refs, cands):
+            if cs:
+                best = min(cs, key=lambda c: (c[1] + w * c[2]) / (len(c[0]) + 1))
+                right += best[0] == ref
+        rows.append({"weight": w, "exprate": round(100 * right / n, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    oracle = round(100 * sum(any(c[0] == ref for c in cs) for ref, cs in zip(refs, cands)) / n, 2)
+    unfinished = sum(not cs for cs in cands)
+    print(f"oracle (reference among the finished hypotheses): {oracle} %; images with none finished: {unfinished}")
+    date = dt.date.today().isoformat()
+    out = args.out or REPO / "benchmarks" / "results" / f"rescore_weights_{folder.name}_{args.device.split(':')[0]}_{date}.json"
+    doc = {"benchmark": "rescore_weights", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "device": args.device, "commit": source_commit(), "command": "python3 tools/eval_rescore_weights.py " +
+           " ".join(sys.argv[1:]), "dataset": folder.name, "items": n, "beam": args.beam, "batch_size": args.batch_size,
+           "engine": rec.info()["engine"], "provenance_run": rec.info()["provenance"].get("run"),
+           "seconds": round(seconds, 1), "oracle_exprate": oracle, "images_without_finished_hypothesis": unfinished,
+           "rows": rows, "headline": {"oracle ExpRate": oracle, **{f"w={r['weight']:g} ExpRate": r["exprate"] for r in rows}}}
+    out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
