@@ -36,7 +36,8 @@ class EngineError(RuntimeError):
 
 @dataclass
 class Engine:
-    """A loaded engine directory: the inference model (eval mode, CPU, FP32), its vocabulary and config."""
+    """A loaded engine directory: the model (encoder + L2R, and R2L when the engine carries it; eval mode,
+    CPU, FP32), its vocabulary and config."""
 
     path: Path
     model: ABM

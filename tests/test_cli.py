@@ -112,3 +112,25 @@ def test_encoder_backend_option(engine_dir, tmp_path, capsys):
     assert json.loads(report.read_text())["recognizer"]["encoder_backend"] == "pytorch"
     code = main(["recognize", str(data), "--engine", str(engine_dir), "--encoder-backend", "onnxruntime", *FAST])
     assert code != 0 and "convert" in capsys.readouterr().err
+
+
+def test_rescore_option(engine_dir, tmp_path, capsys):
+    """--rescore r2l on an engine without the R2L branch is one clear error line (exit 2); --rescore none
+    works there; an engine that carries R2L rescores (its eval report's recognizer info says so)."""
+    args = ["recognize", str(EXAMPLES / "ex01_pythagoras.png"), "--engine", str(engine_dir), *FAST]
+    assert main(args + ["--rescore", "r2l"]) == 2
+    assert "R2L branch" in capsys.readouterr().err
+    assert main(args + ["--rescore", "none"]) == 0
+    capsys.readouterr()
+    cfg = ModelConfig(growth=8, block_depth=2, hidden=32, embed=32, attn=32)
+    bi = save_engine(tmp_path / "bi", scaled_random_model(cfg, seed=5, eos_bias=3.0, bidirectional=True),
+                     Vocab.default(), with_r2l=True)
+    data = tmp_path / "set"
+    data.mkdir()
+    line = (EXAMPLES / "labels.txt").read_text().splitlines()[0]
+    (data / "labels.txt").write_text(line + "\n")
+    name = line.split("\t")[0]
+    (data / f"{name}.png").write_bytes((EXAMPLES / f"{name}.png").read_bytes())
+    report = tmp_path / "r.json"
+    assert main(["eval", str(data), "--engine", str(bi), "--json", str(report), *FAST]) == 0
+    assert json.loads(report.read_text())["recognizer"]["rescore"] == "r2l (weight 1)"

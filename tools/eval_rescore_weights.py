@@ -26,18 +26,18 @@ from abm_rt import Recognizer  # noqa: E402
 from abm_rt.data.buckets import pad_batch, size_batches  # noqa: E402
 from abm_rt.data.crohme import find_caption_file, read_captions  # noqa: E402
 from abm_rt.data.images import ImageOptions, load_image  # noqa: E402
-from abm_rt.decode.rescore import reversed_teacher_tensors, teacher_forced_scores  # noqa: E402
+from abm_rt.decode.rescore import candidate_r2l_scores, combined_score  # noqa: E402
+from abm_rt.decode.types import Candidate  # noqa: E402
 from abm_rt.version import source_commit  # noqa: E402
 
 
-def candidate_scores(rec: Recognizer, images: list, batch_size: int) -> list[list[tuple[list[str], float, float]]]:
-    """Per image: (tokens, L2R raw score, R2L raw score) of every finished hypothesis of its L2R beam."""
+def candidate_scores(rec: Recognizer, images: list, batch_size: int) -> list[list[tuple[list[str], Candidate, float]]]:
+    """Per image: (tokens, candidate, R2L raw score) of every finished hypothesis of its L2R beam."""
     from abm_rt.decode.native_search import native_beam_search
     from abm_rt.decode import beam_search
 
-    out: list = [None] * len(images)
-    groups = size_batches([im.shape for im in images], batch_size, rec.max_batch_pixels)
-    for g in groups:
+    out: list = [[] for _ in images]
+    for g in size_batches([im.shape for im in images], batch_size, rec.max_batch_pixels):
         with torch.inference_mode():
             x, pm = pad_batch([images[i] for i in g], multiple=rec.pad_multiple, grid=rec.canvas_grid)
             f, m = rec.encoder.encode(x, pm)
@@ -45,17 +45,8 @@ def candidate_scores(rec: Recognizer, images: list, batch_size: int) -> list[lis
                 seqs = native_beam_search(rec._native, f, m, rec.beam_size, max_len=rec.max_len, keep_candidates=True)
             else:
                 seqs = beam_search(rec.model.l2r, f, m, rec.beam_size, max_len=rec.max_len, keep_candidates=True)
-            rows = [(j, c) for j, s in enumerate(seqs) for c in s.candidates]
-            r2l = []
-            if rows:
-                inputs, targets, steps = reversed_teacher_tensors([c.tokens for _, c in rows])
-                row_image = torch.tensor([j for j, _ in rows])
-                r2l = teacher_forced_scores(rec.model.r2l, f, m, row_image, inputs, targets, steps,
-                                            rec._native_r2l).tolist()
-        for i in g:
-            out[i] = []
-        for (j, c), s in zip(rows, r2l):
-            out[g[j]].append((rec.vocab.decode(c.tokens), c.score, s))
+            for j, c, r2l in candidate_r2l_scores(seqs, rec.model.r2l, f, m, rec._native_r2l):
+                out[g[j]].append((rec.vocab.decode(c.tokens), c, r2l))
     return out
 
 
@@ -85,7 +76,7 @@ def main() -> int:
         right = 0
         for ref, cs in zip(refs, cands):
             if cs:
-                best = min(cs, key=lambda c: (c[1] + w * c[2]) / (len(c[0]) + 1))
+                best = min(cs, key=lambda c: combined_score(c[1], c[2], w))
                 right += best[0] == ref
         rows.append({"weight": w, "exprate": round(100 * right / n, 2)})
         print(json.dumps(rows[-1]), flush=True)

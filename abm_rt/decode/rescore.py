@@ -22,7 +22,7 @@ import torch
 
 from ..data.vocab import EOS_ID, SOS_ID
 from ..model.decoder import DecoderBranch, FeatureCache
-from .types import DecodedSequence
+from .types import Candidate, DecodedSequence
 
 
 def reversed_teacher_tensors(token_lists: Sequence[Sequence[int]], sos: int = SOS_ID, eos: int = EOS_ID
@@ -96,6 +96,23 @@ def teacher_forced_scores(branch: DecoderBranch, features: torch.Tensor, mask: t
     return result.cpu()
 
 
+def candidate_r2l_scores(seqs: list[DecodedSequence], r2l: DecoderBranch, features: torch.Tensor,
+                         mask: torch.Tensor, native=None) -> list[tuple[int, Candidate, float]]:
+    """(image, candidate, R2L raw score) for every finished candidate of ``seqs``, in one batched pass."""
+    rows = [(b, c) for b, s in enumerate(seqs) for c in s.candidates]
+    if not rows:
+        return []
+    inputs, targets, steps = reversed_teacher_tensors([c.tokens for _, c in rows])
+    row_image = torch.tensor([b for b, _ in rows], dtype=torch.long)
+    scores = teacher_forced_scores(r2l, features, mask, row_image, inputs, targets, steps, native).tolist()
+    return [(b, c, score) for (b, c), score in zip(rows, scores)]
+
+
+def combined_score(candidate: Candidate, r2l_score: float, weight: float) -> float:
+    """What rescoring minimises: (L2R + weight * R2L raw -log p) / (n + 1)."""
+    return (candidate.score + weight * r2l_score) / (len(candidate.tokens) + 1)
+
+
 def rescore_with_r2l(seqs: list[DecodedSequence], r2l: DecoderBranch, features: torch.Tensor,
                      mask: torch.Tensor, weight: float = 1.0, native=None) -> list[DecodedSequence]:
     """Re-choose each image's hypothesis among its finished candidates by the L2R + R2L score.
@@ -107,26 +124,21 @@ def rescore_with_r2l(seqs: list[DecodedSequence], r2l: DecoderBranch, features: 
         weight: the R2L score's weight (0 keeps the L2R choice).
     Returns:
         ``seqs`` with each image's chosen hypothesis replaced (tokens, ``score`` = its L2R raw score,
-        ``normalized_score`` = the combined score / ((n + 1) (1 + weight)), a per-token average over both
+        ``normalized_score`` = the combined score / (1 + weight), a per-token average over both
         branches). Images without finished candidates (truncated) are left as they are. The attention
         maps, when the search returned them, are the chosen candidate's.
     """
-    rows = [(b, c) for b, s in enumerate(seqs) for c in s.candidates]
-    if not rows or weight == 0:
+    if weight == 0:
         return seqs
-    inputs, targets, steps = reversed_teacher_tensors([c.tokens for _, c in rows])
-    row_image = torch.tensor([b for b, _ in rows], dtype=torch.long)
-    r2l_scores = teacher_forced_scores(r2l, features, mask, row_image, inputs, targets, steps, native).tolist()
-    best: dict[int, tuple[float, int]] = {}
-    for r, (b, c) in enumerate(rows):
-        combined = (c.score + weight * r2l_scores[r]) / (len(c.tokens) + 1)
-        if b not in best or combined < best[b][0]:
-            best[b] = (combined, r)
-    for b, (combined, r) in best.items():
-        c = rows[r][1]
+    best: dict[int, tuple[float, Candidate]] = {}
+    for b, c, r2l_score in candidate_r2l_scores(seqs, r2l, features, mask, native):
+        value = combined_score(c, r2l_score, weight)
+        if b not in best or value < best[b][0]:
+            best[b] = (value, c)
+    for b, (value, c) in best.items():
         s = seqs[b]
         s.tokens, s.score, s.truncated = list(c.tokens), c.score, False
-        s.normalized_score = combined / (1.0 + weight)
+        s.normalized_score = value / (1.0 + weight)
         if c.attention is not None:
             s.attention = c.attention
     return seqs
