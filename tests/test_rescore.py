@@ -2,6 +2,7 @@
 training forward, the re-choice rule, engines that carry the R2L branch, and the Recognizer option."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from abm_rt.data.buckets import pad_batch
 from abm_rt.data.vocab import EOS_ID, SOS_ID, Vocab
 from abm_rt.decode import beam_search
 from abm_rt.decode import native
-from abm_rt.decode.rescore import reversed_teacher_tensors, rescore_with_r2l, teacher_forced_scores
+from abm_rt.decode.rescore import teacher_tensors, rescore_with_r2l, teacher_forced_scores
 from abm_rt.engine_dir import R2L_FILE, EngineError, load_engine, save_engine
 from abm_rt.model import scaled_random_model
 
@@ -53,18 +54,6 @@ def _training_forward_scores(branch, features, mask, rows, inputs, targets, step
     return -(logp * (torch.arange(inputs.shape[1])[None] < steps[:, None])).sum(1)
 
 
-def _forward_tensors(token_lists):
-    """L2R inputs (sos, y_1..y_n) and targets (y_1..y_n, eos) with steps n + 1."""
-    steps = torch.tensor([len(t) + 1 for t in token_lists])
-    T = int(steps.max())
-    inputs = torch.full((len(token_lists), T), SOS_ID)
-    targets = torch.full((len(token_lists), T), EOS_ID)
-    for r, toks in enumerate(token_lists):
-        inputs[r, 1:len(toks) + 1] = torch.tensor(toks, dtype=torch.long)
-        targets[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-    return inputs, targets, steps
-
-
 def test_candidates_are_the_finished_hypotheses(model, batch):
     """keep_candidates returns every finished hypothesis (at most k), the winner among them, and each
     candidate's search score equals its teacher-forced L2R score; the winner is unchanged."""
@@ -79,17 +68,22 @@ def test_candidates_are_the_finished_hypotheses(model, batch):
         for c in s.candidates:
             rows.append(b), tokens.append(c.tokens), scores.append(c.score)
     assert len(rows) > len(SIZES), "every image finished one hypothesis only: the test would be trivial"
-    inputs, targets, steps = _forward_tensors(tokens)
+    inputs, targets, steps = teacher_tensors(tokens, reverse=False)
     oracle = _training_forward_scores(model.l2r, features, mask, torch.tensor(rows), inputs, targets, steps)
     np.testing.assert_allclose(scores, oracle.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_reversed_teacher_tensors():
-    """R2L inputs are eos, y_n..y_1 then eos padding; targets y_n..y_1, sos then sos padding (spec 4.2)."""
-    inputs, targets, steps = reversed_teacher_tensors([[5, 6, 7], [], [9]])
+def test_teacher_tensors():
+    """R2L inputs are eos, y_n..y_1 then eos padding; targets y_n..y_1, sos then sos padding (spec 4.2);
+    L2R ones sos, y_1..y_n / y_1..y_n, eos."""
+    inputs, targets, steps = teacher_tensors([[5, 6, 7], [], [9]])
     assert steps.tolist() == [4, 1, 2]
     assert inputs.tolist() == [[EOS_ID, 7, 6, 5], [EOS_ID] * 4, [EOS_ID, 9, EOS_ID, EOS_ID]]
     assert targets.tolist() == [[7, 6, 5, SOS_ID], [SOS_ID] * 4, [9, SOS_ID, SOS_ID, SOS_ID]]
+    inputs, targets, steps = teacher_tensors([[5, 6, 7], [9]], reverse=False)
+    assert steps.tolist() == [4, 2]
+    assert inputs.tolist() == [[SOS_ID, 5, 6, 7], [SOS_ID, 9, SOS_ID, SOS_ID]]
+    assert targets.tolist() == [[5, 6, 7, EOS_ID], [9, EOS_ID, EOS_ID, EOS_ID]]
 
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and native.is_available("cuda")),
@@ -105,7 +99,7 @@ def test_r2l_scores_equal_the_training_forward(model, batch, use_native):
     g = torch.Generator().manual_seed(1)
     token_lists = [torch.randint(2, 113, (int(n),), generator=g).tolist() for n in (3, 0, 7, 5, 1, 9)]
     rows = torch.tensor([0, 1, 2, 3, 2, 0])
-    inputs, targets, steps = reversed_teacher_tensors(token_lists)
+    inputs, targets, steps = teacher_tensors(token_lists)
     dec = native.NativeDecoder(model.r2l, use_native, poison=True) if use_native else None
     got = teacher_forced_scores(model.r2l, features, mask, rows, inputs, targets, steps, native=dec)
     oracle = _training_forward_scores(model.r2l, features, mask, rows, inputs, targets, steps)
@@ -124,7 +118,7 @@ def test_rescore_picks_the_best_combined_score(model, batch):
     seqs = beam_search(model.l2r, features, mask, K, max_len=30, keep_candidates=True)
     expected = []
     for b, s in enumerate(seqs):
-        inputs, targets, steps = reversed_teacher_tensors([c.tokens for c in s.candidates])
+        inputs, targets, steps = teacher_tensors([c.tokens for c in s.candidates])
         rows = torch.full((len(s.candidates),), b)
         r2l = _training_forward_scores(model.r2l, features, mask, rows, inputs, targets, steps).tolist()
         combined = [(c.score + r) / (len(c.tokens) + 1) for c, r in zip(s.candidates, r2l)]
@@ -202,3 +196,18 @@ def test_recognizer_rescore_option(tmp_path, model):
     assert [r.tokens for r in plain] == [rec.vocab.decode(s.tokens) for s in
                                          beam_search(model.l2r, f, m, K, max_len=30)]
     assert any(a.tokens != b.tokens for a, b in zip(plain, rescored)), "rescoring changed nothing: a trivial test"
+
+
+def test_r2l_beam_search_scores_are_teacher_forced_r2l_scores(model, batch):
+    """The R2L branch searched from eos to sos (as tools/eval_rescore_weights.py --r2l-beam does) gives
+    hypotheses whose search scores equal the R2L teacher-forced scores of their reading-order tokens."""
+    features, mask = batch
+    r2l = copy.deepcopy(model.r2l)
+    with torch.no_grad():
+        r2l.W_o.bias[SOS_ID] += 3.0          # the R2L end token, so that random hypotheses finish
+    seqs = beam_search(r2l, features, mask, K, max_len=30, keep_candidates=True, sos=EOS_ID, eos=SOS_ID)
+    rows = [(b, c) for b, s in enumerate(seqs) for c in s.candidates]
+    assert len(rows) > len(SIZES)
+    inputs, targets, steps = teacher_tensors([c.tokens[::-1] for _, c in rows])
+    got = teacher_forced_scores(r2l, features, mask, torch.tensor([b for b, _ in rows]), inputs, targets, steps)
+    np.testing.assert_allclose(got.numpy(), [c.score for _, c in rows], rtol=1e-4, atol=1e-4)

@@ -25,20 +25,23 @@ from ..model.decoder import DecoderBranch, FeatureCache
 from .types import Candidate, DecodedSequence
 
 
-def reversed_teacher_tensors(token_lists: Sequence[Sequence[int]], sos: int = SOS_ID, eos: int = EOS_ID
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """R2L decoder inputs and targets (spec 4.2) for each token list: (inputs [R, T], targets [R, T],
-    steps [R] = n + 1). Padding after a sequence (inputs eos, targets sos) is masked by ``steps``."""
+def teacher_tensors(token_lists: Sequence[Sequence[int]], reverse: bool = True, sos: int = SOS_ID,
+                    eos: int = EOS_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder inputs and targets (spec 4.2) for each token list: (inputs [R, T], targets [R, T],
+    steps [R] = n + 1). ``reverse`` (R2L): input ``eos, y_n .. y_1``, target ``y_n .. y_1, sos``;
+    otherwise (L2R) input ``sos, y_1 .. y_n``, target ``y_1 .. y_n, eos``. Padding after a sequence
+    (inputs: the start token, targets: the end token) is masked by ``steps``."""
+    start, end = (eos, sos) if reverse else (sos, eos)
     R = len(token_lists)
     steps = torch.tensor([len(t) + 1 for t in token_lists], dtype=torch.long)
     T = int(steps.max()) if R else 1
-    inputs = torch.full((R, T), eos, dtype=torch.long)
-    targets = torch.full((R, T), sos, dtype=torch.long)
+    inputs = torch.full((R, T), start, dtype=torch.long)
+    targets = torch.full((R, T), end, dtype=torch.long)
     for r, toks in enumerate(token_lists):
         if toks:
-            rev = torch.tensor(list(toks)[::-1], dtype=torch.long)
-            inputs[r, 1:len(toks) + 1] = rev
-            targets[r, :len(toks)] = rev
+            seq = torch.tensor(list(toks)[::-1] if reverse else list(toks), dtype=torch.long)
+            inputs[r, 1:len(toks) + 1] = seq
+            targets[r, :len(toks)] = seq
     return inputs, targets, steps
 
 
@@ -102,7 +105,7 @@ def candidate_r2l_scores(seqs: list[DecodedSequence], r2l: DecoderBranch, featur
     rows = [(b, c) for b, s in enumerate(seqs) for c in s.candidates]
     if not rows:
         return []
-    inputs, targets, steps = reversed_teacher_tensors([c.tokens for _, c in rows])
+    inputs, targets, steps = teacher_tensors([c.tokens for _, c in rows])
     row_image = torch.tensor([b for b, _ in rows], dtype=torch.long)
     scores = teacher_forced_scores(r2l, features, mask, row_image, inputs, targets, steps, native).tolist()
     return [(b, c, score) for (b, c), score in zip(rows, scores)]
