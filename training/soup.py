@@ -65,7 +65,7 @@ def average_engines(sources: Sequence[str | Path], out: str | Path,
             averaged[name] = acc.to(ref.dtype)
         else:
             averaged[name] = ref.clone()
-    model = first.model if with_r2l or not first.has_r2l else ABM(first.model.cfg)
+    model = first.model if with_r2l else ABM(first.model.cfg)     # without R2L: the inference model
     model.load_state_dict(averaged)
     provenance = {"made_by": "training.soup (weighted average of engine weights)", "run": run_name,
                   "weights": [round(w, 6) for w in weights],

@@ -398,9 +398,10 @@ class Trainer:
                 self.meta["best_weights"] = weights
                 with self.ema.applied() if weights == "ema" else nullcontext():
                     save_engine(self.out / "best_engine", self.model, self.vocab,
-                                with_r2l=self.model.r2l is not None, provenance={"trained_by": "abm_rt training", "epoch": e, "weights": weights,
+                                provenance={"trained_by": "abm_rt training", "epoch": e, "weights": weights,
                                             "val_2014": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
-                                            "train_config": asdict(cfg)})
+                                            "train_config": asdict(cfg)},
+                                with_r2l=self.model.r2l is not None)
                 record["saved_best"] = weights
             self._log(record)
             pause = False

@@ -56,7 +56,8 @@ def teacher_forced_scores(branch: DecoderBranch, features: torch.Tensor, mask: t
             ``native``, for every step).
         features, mask: the encoded batch [B, D, H', W'] and its valid cells [B, H', W'].
         row_image: [R] the image of each row.
-        inputs, targets: [R, T] token ids; steps: [R] how many leading steps of each row count.
+        inputs, targets: [R, T] token ids; steps: [R] (a CPU tensor: the loop bounds are read from it)
+            how many leading steps of each row count.
         native: a ``NativeDecoder`` of the same branch, to run the steps through ``abm_rt._C``.
     """
     R, T = inputs.shape
