@@ -378,3 +378,34 @@ def test_graph_replays_draw_fresh_dropout_and_augmentation(tmp_path):
         sums[random_on] = replays
     assert torch.allclose(sums[False][0], sums[False][1], rtol=1e-6, atol=1e-7), sums[False]
     assert not torch.allclose(sums[True][0], sums[True][1], rtol=1e-4, atol=0), sums[True]
+
+
+def test_length_curriculum_trains_the_shortest_labels_first(tmp_path):
+    """With ``curriculum_epochs`` N, epoch e trains on the ceil(f n) batches with the shortest longest label,
+    f = start + (1 - start) e / N, and on every batch from epoch N on; the log says how many batches and
+    up to which label length each curriculum epoch used, and the steps count only the batches trained."""
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(24, seed=3, max_h=120, max_w=300))
+    _write_split(data / "2014", _samples(2, seed=4, max_h=120, max_w=300))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=3, optimizer="adadelta", lr=1.0,
+                      max_batch=2, batch_pixels=200_000, cuda_graphs=True, val_every=10, device="cpu",
+                      model=TINY, curriculum_epochs=2, curriculum_start=0.25)
+    trainer = Trainer(cfg)
+    batches = trainer.train_batches
+    n = len(batches)
+    longest = [int(b.lengths.max()) for b in batches]
+    for epoch, fraction in [(0, 0.25), (1, 0.625)]:
+        chosen = trainer.epoch_batches(epoch)
+        k = int(np.ceil(fraction * n))
+        assert len(chosen) == k == len(set(chosen))
+        left_out = set(range(n)) - set(chosen)
+        assert all(longest[i] <= longest[j] for i in chosen for j in left_out)
+    assert trainer.epoch_batches(2) == list(range(n))
+    meta = trainer.run()
+    sizes = [int(np.ceil(0.25 * n)), int(np.ceil(0.625 * n)), n]
+    assert meta["step"] == sum(sizes)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "ce_l2r" in r]
+    assert [r.get("curriculum_batches") for r in epochs] == [sizes[0], sizes[1], None]
+    for r, k in zip(epochs[:2], sizes[:2]):
+        assert r["curriculum_max_len"] == sorted(longest)[k - 1]

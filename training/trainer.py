@@ -88,6 +88,11 @@ class TrainConfig:
     aspect_max: float = 1.0             # log-uniform width/height ratio in [1/aspect_max, aspect_max];
     shear_max: float = 0.0              # slant x += k y, k uniform in +-shear_max;
     rotate_deg: float = 0.0             # rotation uniform in +-rotate_deg degrees. All at their defaults = off
+    curriculum_epochs: float = 0.0      # > 0: a length curriculum over the first epochs: epoch e trains only the
+    curriculum_start: float = 0.2       # fraction f(e) = start + (1 - start) e / curriculum_epochs of the batches,
+                                        # those with the shortest labels (the longest label of a batch counts).
+                                        # Short labels leave a language model little to guess from, so the
+                                        # decoder must attend to the ink; meant to make attention align sooner
     ema_decay: float = 0.0              # > 0: also validate an EMA of the weights (training/ema.py) and save
                                         # whichever decodes better as best_engine; 0 = off. Not kept in the
                                         # state: a resumed run restarts the average from the resumed weights
@@ -200,6 +205,9 @@ class Trainer:
             self.train_batches = pack_split(train, self.vocab, self.device, cfg.max_batch, cfg.batch_pixels, pad)
         self.val_batches = pack_split(val, self.vocab, self.device, 128, cfg.val_batch_pixels, pad)
         self.n_train, self.n_val = len(train), len(val)
+        # batches ordered by their longest label, for the curriculum (read once: a host sync per batch)
+        self.by_length = sorted(range(len(self.train_batches)),
+                                key=lambda i: (int(self.train_batches[i].lengths.max()), i))
         self.load_seconds = time.time() - t0
         self.meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_exprate": -1.0,
                                      "best_epoch": None, "train_seconds": 0.0, "config": asdict(cfg)}
@@ -278,19 +286,28 @@ class Trainer:
                     "capture mode, so this process cannot go on eagerly. Rerun with --cuda-graphs false, or make "
                     "the training step capturable (no host synchronisation)") from rng_err
 
+    def epoch_batches(self, epoch: int) -> list[int]:
+        """Indices of the batches epoch ``epoch`` (0-based) trains on: all of them, or during the length
+        curriculum the shortest-label fraction ``curriculum_start + (1 - curriculum_start) e / N``."""
+        n, cfg = len(self.train_batches), self.cfg
+        if cfg.curriculum_epochs <= 0 or epoch >= cfg.curriculum_epochs:
+            return list(range(n))
+        fraction = cfg.curriculum_start + (1 - cfg.curriculum_start) * epoch / cfg.curriculum_epochs
+        return sorted(self.by_length[:max(1, math.ceil(fraction * n))])
+
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the fixed batches in a shuffled order; returns mean losses and timing."""
+        """One pass over the epoch's fixed batches in a shuffled order; returns mean losses and timing."""
         self.model.train()
-        order = list(range(len(self.train_batches)))
+        order = self.epoch_batches(self.meta["epoch"])
         random.Random(self.cfg.seed * 100003 + self.meta["epoch"]).shuffle(order)
         sums = torch.zeros(3, device=self.device)
-        spe = len(order)
+        spe = len(self.train_batches)       # warm-up and KL ramp count full epochs, curriculum or not
         t0 = time.time()
         if self.graphed is not None:
             self.graphed.reset_sums()
         capture0 = self.graphed.capture_seconds if self.graphed is not None else 0.0
         for i, bi in enumerate(order):
-            lr = _lr_at(self.cfg, self.meta["step"], spe, self._progress(i / spe, time.time() - t0))
+            lr = _lr_at(self.cfg, self.meta["step"], spe, self._progress(i / len(order), time.time() - t0))
             for g in self.opt.param_groups:
                 if torch.is_tensor(g["lr"]):
                     g["lr"].fill_(lr)
@@ -307,10 +324,14 @@ class Trainer:
             self.meta["step"] += 1
         if self.graphed is not None:
             sums += self.graphed.sums
-        means = (sums / spe).tolist()           # the epoch's one host synchronisation
+        means = (sums / len(order)).tolist()    # the epoch's one host synchronisation
         secs = time.time() - t0
+        images = sum(len(self.train_batches[bi].names) for bi in order)
         out = {"ce_l2r": means[0], "ce_r2l": means[1], "kl": means[2], "lr": lr,
-               "epoch_seconds": secs, "images_per_s": self.n_train / secs}
+               "epoch_seconds": secs, "images_per_s": images / secs}
+        if len(order) < len(self.train_batches):
+            out["curriculum_batches"] = len(order)
+            out["curriculum_max_len"] = int(self.train_batches[self.by_length[len(order) - 1]].lengths.max())
         if self.graphed is not None:
             out["graphs"] = len(self.graphed.graphs)
             out["capture_seconds"] = round(self.graphed.capture_seconds - capture0, 2)
