@@ -94,6 +94,25 @@ def test_attention_on_request(rec):
     np.testing.assert_allclose(r.attention.reshape(len(r.tokens), -1).sum(1), 1.0, atol=1e-5)
 
 
+def test_attention_rows_follow_the_tokens_a_control_token_leaves(rec, monkeypatch):
+    """A search that emits a control token mid-sequence (an untrained model can emit sos) returns a map per
+    emitted id; the result drops the control token and its map, so each kept token keeps its own map."""
+    from abm_rt.data.vocab import SOS_ID
+    from abm_rt.decode.types import DecodedSequence
+
+    vocab = Vocab.default()
+    a, b = vocab.encode(["x", "y"])
+    ids = [a, SOS_ID, b]
+    maps = np.stack([np.full((6, 15), float(k), np.float32) for k in range(len(ids))])
+    monkeypatch.setattr(rec, "_decode", lambda pixels, want: [
+        DecodedSequence(list(ids), 3.0, 0.75, False, maps if want else None) for _ in pixels])
+    r = rec.predict([_strokes()], return_attention=True)[0]
+    assert r.tokens == ["x", "y"] and r.latex == "x y"
+    assert [float(m[0, 0]) for m in r.attention] == [0.0, 2.0]
+    assert vocab.kept_positions([a, SOS_ID, b, 1, a]) == [0, 2]
+    assert vocab.decode([a, SOS_ID, b, 1, a]) == ["x", "y"]
+
+
 def test_truncated_when_no_hypothesis_ends(tmp_path):
     """A model that never emits eos returns its best partial hypothesis, marked truncated."""
     save_engine(tmp_path, scaled_random_model(SMALL, seed=4, eos_bias=-100.0), Vocab.default())

@@ -69,17 +69,22 @@ class Vocab:
             ids.append(self.index[tok])
         return ids
 
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        """Ids -> token strings, stopping at the first ``eos`` and dropping control tokens."""
+    def kept_positions(self, ids: Iterable[int]) -> list[int]:
+        """Positions in ``ids`` that ``decode`` keeps: before the first ``eos``, control tokens left out.
+        (Per-step outputs such as attention maps are indexed with them to stay one per kept token.)"""
         out = []
-        for i in ids:
+        for k, i in enumerate(ids):
             i = int(i)
             if i == EOS_ID:
                 break
-            tok = self.tokens[i]
-            if tok not in self.CONTROL:
-                out.append(tok)
+            if self.tokens[i] not in self.CONTROL:
+                out.append(k)
         return out
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Ids -> token strings, stopping at the first ``eos`` and dropping control tokens."""
+        ids = [int(i) for i in ids]
+        return [self.tokens[ids[k]] for k in self.kept_positions(ids)]
 
     def to_latex(self, ids: Iterable[int]) -> str:
         """Ids -> a LaTeX string: tokens joined by single spaces, as in CROHME captions."""
