@@ -240,13 +240,14 @@ class Recognizer:
             return
         for i, seq in zip(idx, seqs):
             r = results[i]
-            kept = self.vocab.kept_positions(seq.tokens)
-            r.tokens = [self.vocab.tokens[int(seq.tokens[k])] for k in kept]
+            r.tokens = self.vocab.decode(seq.tokens)
             r.latex = " ".join(r.tokens)
             r.score = -seq.normalized_score
             r.truncated = seq.truncated
-            # one map per returned token: a control token emitted mid-sequence leaves with its map
-            r.attention = seq.attention[kept] if return_attention and seq.attention is not None else None
+            r.attention = None
+            if return_attention and seq.attention is not None:
+                # one map per returned token: a control token emitted mid-sequence leaves with its map
+                r.attention = seq.attention[self.vocab.kept_positions(seq.tokens)]
 
     @torch.inference_mode()
     def _decode(self, pixels: list[np.ndarray], return_attention: bool):

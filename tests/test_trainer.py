@@ -409,3 +409,7 @@ def test_length_curriculum_trains_the_shortest_labels_first(tmp_path):
     assert [r.get("curriculum_batches") for r in epochs] == [sizes[0], sizes[1], None]
     for r, k in zip(epochs[:2], sizes[:2]):
         assert r["curriculum_max_len"] == sorted(longest)[k - 1]
+    # throughput counts distinct images: a full epoch trains all 24, however many batches repeat some
+    assert epochs[2]["images_per_s"] * epochs[2]["epoch_seconds"] == pytest.approx(24)
+    first = {name for i in trainer.epoch_batches(0) for name in batches[i].names}
+    assert epochs[0]["images_per_s"] * epochs[0]["epoch_seconds"] == pytest.approx(len(first))

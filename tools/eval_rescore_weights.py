@@ -29,7 +29,8 @@ from abm_rt.data.buckets import pad_batch, size_batches  # noqa: E402
 from abm_rt.data.crohme import find_caption_file, read_captions  # noqa: E402
 from abm_rt.data.images import ImageOptions, load_image  # noqa: E402
 from abm_rt.data.vocab import EOS_ID, SOS_ID  # noqa: E402
-from abm_rt.decode.rescore import candidate_r2l_scores, combined_score, teacher_forced_scores, teacher_tensors  # noqa: E402
+from abm_rt.decode.rescore import candidate_r2l_scores, combined_score, teacher_forced_scores  # noqa: E402
+from abm_rt.model.teacher import teacher_tensors  # noqa: E402
 from abm_rt.decode.types import Candidate  # noqa: E402
 from abm_rt.version import source_commit  # noqa: E402
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from abm_rt.model.teacher import teacher_tensors as branch_teacher_tensors
+
 
 def sequence_ce(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """CE averaged within each sample over its n_b + 1 steps, then over the batch (spec 4.3).
@@ -76,24 +78,9 @@ def distillation_kl(l2r_logits: torch.Tensor, r2l_logits: torch.Tensor, lengths:
 
 def teacher_tensors(token_ids: list[list[int]], sos: int = 0, eos: int = 1, steps: int | None = None
                     ) -> dict[str, torch.Tensor]:
-    """Decoder inputs/targets of spec 4.2 for both directions, padded to T = max n + 1 steps, or to
-    ``steps`` when given (fixed shapes for CUDA graphs; the extra steps are masked out of every loss)."""
-    B = len(token_ids)
-    n = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
-    T = int(n.max()) + 1
-    if steps is not None:
-        if steps < T:
-            raise ValueError(f"steps={steps} is fewer than the longest label needs ({T})")
-        T = steps
-    l2r_in = torch.full((B, T), sos, dtype=torch.long)
-    l2r_tgt = torch.full((B, T), eos, dtype=torch.long)
-    r2l_in = torch.full((B, T), eos, dtype=torch.long)
-    r2l_tgt = torch.full((B, T), sos, dtype=torch.long)
-    for i, ids in enumerate(token_ids):
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        k = len(ids)
-        l2r_in[i, 1:k + 1] = ids_t
-        l2r_tgt[i, :k] = ids_t
-        r2l_in[i, 1:k + 1] = ids_t.flip(0)
-        r2l_tgt[i, :k] = ids_t.flip(0)
-    return {"lengths": n, "l2r_in": l2r_in, "l2r_tgt": l2r_tgt, "r2l_in": r2l_in, "r2l_tgt": r2l_tgt}
+    """Decoder inputs/targets of spec 4.2 for both directions (``abm_rt.model.teacher``), padded to
+    T = max n + 1 steps, or to ``steps`` when given (fixed shapes for CUDA graphs; the extra steps are
+    masked out of every loss)."""
+    l2r_in, l2r_tgt, n1 = branch_teacher_tensors(token_ids, reverse=False, sos=sos, eos=eos, pad_to=steps)
+    r2l_in, r2l_tgt, _ = branch_teacher_tensors(token_ids, reverse=True, sos=sos, eos=eos, pad_to=steps)
+    return {"lengths": n1 - 1, "l2r_in": l2r_in, "l2r_tgt": l2r_tgt, "r2l_in": r2l_in, "r2l_tgt": r2l_tgt}

@@ -205,9 +205,9 @@ class Trainer:
             self.train_batches = pack_split(train, self.vocab, self.device, cfg.max_batch, cfg.batch_pixels, pad)
         self.val_batches = pack_split(val, self.vocab, self.device, 128, cfg.val_batch_pixels, pad)
         self.n_train, self.n_val = len(train), len(val)
-        # batches ordered by their longest label, for the curriculum (read once: a host sync per batch)
-        self.by_length = sorted(range(len(self.train_batches)),
-                                key=lambda i: (int(self.train_batches[i].lengths.max()), i))
+        # batches ordered by their longest label, for the curriculum (host-side labels: no device reads)
+        self.longest_label = [max(map(len, b.tokens)) for b in self.train_batches]
+        self.by_length = sorted(range(len(self.train_batches)), key=lambda i: (self.longest_label[i], i))
         self.load_seconds = time.time() - t0
         self.meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_exprate": -1.0,
                                      "best_epoch": None, "train_seconds": 0.0, "config": asdict(cfg)}
@@ -326,12 +326,13 @@ class Trainer:
             sums += self.graphed.sums
         means = (sums / len(order)).tolist()    # the epoch's one host synchronisation
         secs = time.time() - t0
-        images = sum(len(self.train_batches[bi].names) for bi in order)
+        # distinct images: each canvas's last batch is filled up with images that are trained twice
+        images = len({name for bi in order for name in self.train_batches[bi].names})
         out = {"ce_l2r": means[0], "ce_r2l": means[1], "kl": means[2], "lr": lr,
                "epoch_seconds": secs, "images_per_s": images / secs}
         if len(order) < len(self.train_batches):
             out["curriculum_batches"] = len(order)
-            out["curriculum_max_len"] = int(self.train_batches[self.by_length[len(order) - 1]].lengths.max())
+            out["curriculum_max_len"] = self.longest_label[self.by_length[len(order) - 1]]
         if self.graphed is not None:
             out["graphs"] = len(self.graphed.graphs)
             out["capture_seconds"] = round(self.graphed.capture_seconds - capture0, 2)
