@@ -90,10 +90,13 @@ def _compare(ref, got, tol: float) -> float:
 # ---- options ---------------------------------------------------------------------------------------
 
 def test_train_config_defaults_and_cli():
-    """The speed options default off (current behaviour), the sharpness log on; all are CLI flags."""
+    """The speed options default off, the sharpness log on; the optimizer defaults to the runs' recipe
+    (Adadelta, lr 1.0, clip 100: spec 4.4-4.5); every field is a CLI flag with its own help text."""
     cfg = TrainConfig()
     assert (cfg.attention_fp32, cfg.compile_step, cfg.log_attention_sharpness) == (False, False, True)
-    assert cfg.optimizer == "adamw"
+    assert (cfg.optimizer, cfg.lr, cfg.clip, cfg.max_batch) == ("adadelta", 1.0, 100.0, 96)
+    from dataclasses import fields
+    assert all(f.metadata.get("help") for f in fields(TrainConfig))
     from training.__main__ import build_parser
     args = build_parser().parse_args(["--attention-fp32", "true", "--compile-step", "true",
                                       "--log-attention-sharpness", "false", "--optimizer", "adadelta"])

@@ -12,6 +12,8 @@
 # Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back, per run:
 # $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
 # so far; with RETURN=weights also the latest weights in fp16, to resume elsewhere).
+# A device call copies the tracked tree plus the carry, 64 MiB in all: the bundled engine (32 MiB), one tracked
+# fp16 weights export (16 MiB) and .carry (10 MiB) just fit. Keep at most one weights export in the tree.
 set -uo pipefail
 RUN=${RUN:-abm}
 WAIT=${WAIT:-560}

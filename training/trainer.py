@@ -35,68 +35,75 @@ from .graphed import GraphedTrainStep, optimizer_step
 from .packed import PackedBatch, pack_fixed_shapes, pack_split
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A TrainConfig field with its ``--help`` text (training/__main__.py builds the options from these)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (saved with the run)."""
+    """Everything that defines a training run (saved with the run). The defaults are the recipe of the runs
+    under training/runs/: Adadelta at lr 1.0 with clip 100 (spec 4.4-4.5), batches of <= 96 images."""
 
-    data: str = "../shared/data/crohme"
-    out: str = "runs/abm"
-    epochs: int = 120                   # the schedule's length, unless time_budget is set (then a cap)
-    time_budget: float | None = None    # training seconds over all resumes (validation not counted): the
-                                        # schedule runs on elapsed training time and ends when it is spent
-    stop_after: float | None = None     # seconds for this invocation: save and exit before the next epoch
-                                        # would overrun it (device calls are capped at 10 minutes)
-    optimizer: str = "adamw"            # "adamw" (ours) or "adadelta" (spec 4.4)
-    lr: float = 1.5e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.02
-    clip: float = 5.0
-    max_batch: int = 192
-    batch_pixels: int = 8_000_000       # padded pixels per training batch
-    pad_to: tuple = (32, 64)            # batch canvas rounded up to these (H, W): few distinct shapes, since
-                                        # each new shape costs cuDNN plan set-up
-    pairing: str = "aligned"            # KL pairing: "aligned" (fixed) or "paper"
-    kl_weight: float = 8.0              # beta * T^2 = 0.5 * 16 (spec 4.3)
-    kl_warmup_epochs: float = 0.0       # KL weight ramped linearly from 0 over these epochs (e.g. while a
-                                        # freshly initialised R2L branch meets a warm-started L2R)
-    init_from: str | None = None        # warm start a fresh run from an engine directory ("default": the
-                                        # bundled one): encoder and L2R weights, R2L keeps its spec init; or
-                                        # from a trainer state / weights export: every branch, R2L included
-    bidirectional: bool = True          # False: the L2R-only baseline
-    precision: str = "bf16"             # "bf16" autocast or "fp32"
-    val_every: int = 2
-    val_from: int = 0                   # no validation decode before this epoch
-    val_beam: int = 10
-    val_batch_pixels: int = 4_000_000
-    seed: int = 1
-    train_limit: int | None = None
-    val_limit: int | None = None
-    device: str = "auto"
-    attention_fp32: bool = False        # attention (U_a F, coverage conv, energies, softmax, context) and the
-                                        # coverage sum in fp32 with autocast off; GRUs/output stay under autocast
-    compile_step: bool = False          # torch.compile one decoder time step (dynamic shapes; the loop over t
-                                        # stays in Python): fused pointwise ops, fewer kernel launches
-    cuda_graphs: bool = False           # whole training steps replayed from one CUDA graph per batch shape
-                                        # (training/graphed.py); batches packed on a shape grid (pack_fixed_shapes).
-                                        # On a CPU device the same fixed-shape batches train eagerly
-    save_every: int = 1                 # epochs between saved states (a pause or the end always saves)
-    log_attention_sharpness: bool = True  # after each validation: mean max attention weight over valid steps
-                                        # of the first val batch (val_att_max) and the uniform 1/cells baseline
-    scale_min: float = 1.0              # geometric augmentation (training/augment.py), a map per image and step:
-    scale_max: float = 1.0              # log-uniform scale in [scale_min, scale_max];
-    aspect_max: float = 1.0             # log-uniform width/height ratio in [1/aspect_max, aspect_max];
-    shear_max: float = 0.0              # slant x += k y, k uniform in +-shear_max;
-    rotate_deg: float = 0.0             # rotation uniform in +-rotate_deg degrees. All at their defaults = off
-    curriculum_epochs: float = 0.0      # > 0: a length curriculum over the first epochs: epoch e trains only the
-    curriculum_start: float = 0.2       # fraction f(e) = start + (1 - start) e / curriculum_epochs of the batches,
-                                        # those with the shortest labels (the longest label of a batch counts).
-                                        # Short labels leave a language model little to guess from, so the
-                                        # decoder must attend to the ink; meant to make attention align sooner
-    ema_decay: float = 0.0              # > 0: also validate an EMA of the weights (training/ema.py) and save
-                                        # whichever decodes better as best_engine; 0 = off. Not kept in the
-                                        # state: a resumed run restarts the average from the resumed weights
-    model: dict = field(default_factory=dict)   # ModelConfig overrides (tests use small models)
+    data: str = _opt("../shared/data/crohme", "CROHME directory with train/ and 2014/ (the validation set)")
+    out: str = _opt("runs/abm", "run directory: log.jsonl, state/ (resumed from when present), best_engine/")
+    epochs: int = _opt(120, "the schedule's length in epochs; with --time-budget, only a cap")
+    time_budget: float | None = _opt(None, "training seconds over all resumes (validation not counted): the "
+                                     "cosine runs on elapsed training time and ends when they are spent")
+    stop_after: float | None = _opt(None, "seconds for this invocation: save and exit before the next epoch "
+                                    "would overrun them (device calls are capped at 10 minutes)")
+    optimizer: str = _opt("adadelta", "adadelta (spec 4.4: rho 0.9, eps 1e-6) or adamw")
+    lr: float = _opt(1.0, "peak learning rate (Adadelta works at 0.1-1; AdamW above 0.05 is refused)")
+    weight_decay: float = _opt(1e-4, "weight decay: with Adadelta, L2 added to the gradient of every "
+                                "parameter (spec 4.4); AdamW decouples it")
+    warmup_epochs: float = _opt(1.0, "linear learning-rate warm-up, in epochs")
+    min_lr_ratio: float = _opt(0.02, "the cosine ends at this fraction of --lr")
+    clip: float = _opt(100.0, "gradient-norm clip (spec 4.5)")
+    max_batch: int = _opt(96, "images per training batch at most")
+    batch_pixels: int = _opt(1_500_000, "padded pixels per training batch at most")
+    pad_to: tuple = _opt((32, 64), "batch canvases rounded up to multiples of H,W: few distinct shapes, "
+                         "since each new one costs cuDNN set-up (and a graph capture)")
+    pairing: str = _opt("aligned", "KL pairing: aligned (same target token of the same sample) or paper "
+                        "(the paper code's order, spec 7.1)")
+    kl_weight: float = _opt(8.0, "KL weight, beta * T^2 = 0.5 * 16 (spec 4.3)")
+    kl_warmup_epochs: float = _opt(0.0, "ramp the KL weight linearly from 0 over these epochs (e.g. while a "
+                                   "freshly initialised R2L branch meets a warm-started L2R)")
+    init_from: str | None = _opt(None, "warm start from an engine directory (the word default names the bundled one): "
+                                 "encoder, L2R and its R2L when it carries one; or from a trainer state or "
+                                 "weights export: every branch. Optimizer and schedule start afresh")
+    bidirectional: bool = _opt(True, "train the R2L branch and the KL term; false: the L2R-only baseline")
+    precision: str = _opt("bf16", "bf16 (autocast) or fp32")
+    val_every: int = _opt(2, "epochs between validation decodes (beam search on 2014)")
+    val_from: int = _opt(0, "no validation decode before this epoch")
+    val_beam: int = _opt(10, "validation beam size")
+    val_batch_pixels: int = _opt(4_000_000, "padded pixels per validation batch")
+    seed: int = _opt(1, "seed of the initialisation, the batch order and the augmentation")
+    train_limit: int | None = _opt(None, "use only the first N training images (smoke runs)")
+    val_limit: int | None = _opt(None, "validate on the first N images of 2014 only")
+    device: str = _opt("auto", "auto (CUDA when present), cuda or cpu")
+    attention_fp32: bool = _opt(False, "attention (U_a F, coverage conv, energies, softmax, context) and the "
+                                "coverage sum in fp32 with autocast off; GRUs and output stay under autocast")
+    compile_step: bool = _opt(False, "torch.compile one decoder time step (the loop over t stays in Python)")
+    cuda_graphs: bool = _opt(False, "replay each whole training step from one CUDA graph per batch shape "
+                             "(training/graphed.py), batches packed on a shape grid; on a CPU the same "
+                             "fixed-shape batches train eagerly. The fast path on a GPU")
+    save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
+    log_attention_sharpness: bool = _opt(True, "after each validation, log the mean peak attention weight of "
+                                         "the first val batch (val_att_max) and the uniform baseline")
+    scale_min: float = _opt(1.0, "augmentation, a map per image and step: log-uniform scale in "
+                            "[scale_min, scale_max] (training/augment.py; 1 = off)")
+    scale_max: float = _opt(1.0, "upper end of the scale augmentation")
+    aspect_max: float = _opt(1.0, "augmentation: log-uniform width/height ratio in [1/aspect_max, aspect_max]")
+    shear_max: float = _opt(0.0, "augmentation: slant x += k y, k uniform in +-shear_max")
+    rotate_deg: float = _opt(0.0, "augmentation: rotation uniform in +-rotate_deg degrees")
+    curriculum_epochs: float = _opt(0.0, "> 0: a length curriculum: epoch e < N trains only the fraction "
+                                    "start + (1 - start) e / N of the batches, those with the shortest labels")
+    curriculum_start: float = _opt(0.2, "the curriculum's first fraction of the batches")
+    ema_decay: float = _opt(0.0, "> 0: also validate an EMA of the weights (training/ema.py) and keep whichever "
+                            "decodes better as best_engine. Not in the state: a resume restarts the average")
+    model: dict = _opt({}, "ModelConfig overrides as JSON (tests use small models)")
 
 
 def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, progress: float) -> float:
