@@ -276,11 +276,14 @@ def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("optimizer,pairing", [("adamw", "aligned"), ("adadelta", "aligned"), ("adadelta", "paper")])
-def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing):
+@pytest.mark.parametrize("optimizer,pairing,streams", [("adamw", "aligned", False), ("adadelta", "aligned", False),
+                                                      ("adadelta", "paper", False), ("adadelta", "aligned", True)])
+def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams):
     """From the same weights and optimizer state, one replayed graph step and one eager step on a new batch
     of the captured shape give the same parameters (fp32, dropout 0), and the loss sums agree. Both KL
-    pairings capture (the paper's one once used ``nonzero``, a host sync that broke the capture)."""
+    pairings capture (the paper's one once used ``nonzero``, a host sync that broke the capture). With
+    ``streams`` the graph runs the R2L branch on a second stream (--branch-streams) and the eager reference
+    runs everything on one: the fork and join are captured without changing the step."""
     from training.graphed import GraphedTrainStep
     from training.trainer import batch_loss
 
@@ -301,7 +304,9 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
     else:
         opt = torch.optim.Adadelta(model.parameters(), lr=lr, foreach=True, capturable=True)
-    step = GraphedTrainStep(model, opt, lambda b, cache: batch_loss(model, b, cfg, "cuda", cache), 100.0)
+    side = torch.cuda.Stream() if streams else None
+    step = GraphedTrainStep(model, opt, lambda b, cache: batch_loss(model, b, cfg, "cuda", cache, side_stream=side),
+                            100.0)
     assert step.step(pair[0]) is False                 # warm-up (a real step) and capture
     snapshot = ({k: v.clone() for k, v in model.state_dict().items()},
                 {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()})
@@ -336,6 +341,46 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing):
     print(f"{optimizer}: worst |graphed - eager| / |update| over tensors = {worst:.2e}; "
           f"{len(step.graphs)} graph(s), capture {step.capture_seconds:.2f} s")
     assert worst < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a second CUDA stream needs a CUDA GPU")
+def test_branch_streams_eager_gradients_equal_one_stream():
+    """Eager (no graph): the loss parts and every gradient are the same whether the R2L branch runs on a
+    second stream or on the current one (fp32, dropout 0), on fresh random batches."""
+    from training.trainer import batch_loss
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    batches = pack_fixed_shapes(_samples(24, seed=11, max_h=100, max_w=300), Vocab.default(), dev, max_batch=8,
+                                max_batch_pixels=400_000)
+    cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.0})
+    torch.manual_seed(5)
+    model = ABM(ModelConfig(**cfg.model), bidirectional=True)
+    initialize(model)
+    model.to(dev).train()
+    side = torch.cuda.Stream()
+    for b in batches[:3]:
+        got = []
+        for stream in (None, side):
+            model.zero_grad(set_to_none=True)
+            loss, parts = batch_loss(model, b, cfg, "cuda", side_stream=stream)
+            loss.backward()
+            got.append((parts.clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        torch.cuda.synchronize()
+        (p1, g1), (p2, g2) = got
+        assert torch.isfinite(p1).all() and torch.allclose(p1, p2, rtol=1e-6, atol=1e-7), (p1, p2)
+        assert g1.keys() == g2.keys() and any(n.startswith("r2l.") for n in g2)
+        for n in g1:
+            assert torch.allclose(g1[n], g2[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_branch_streams_needs_cuda(tmp_path):
+    """--branch-streams on a CPU is refused with the reason, before any data loads."""
+    cfg = TrainConfig(data=str(tmp_path / "absent"), out=str(tmp_path / "run"), device="cpu", model=TINY,
+                      branch_streams=True)
+    with pytest.raises(ValueError, match="second CUDA stream"):
+        Trainer(cfg)
 
 
 def test_adamw_at_an_adadelta_rate_is_refused(tmp_path):

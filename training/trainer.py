@@ -89,6 +89,9 @@ class TrainConfig:
     cuda_graphs: bool = _opt(False, "replay each whole training step from one CUDA graph per batch shape "
                              "(training/graphed.py), batches packed on a shape grid; on a CPU the same "
                              "fixed-shape batches train eagerly. The fast path on a GPU")
+    branch_streams: bool = _opt(False, "run the R2L branch (forward and, through autograd, backward) on a "
+                                "second CUDA stream beside the L2R one, captured as parallel work in the CUDA "
+                                "graphs; CUDA only. Its speed-up is not measured yet")
     save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
     log_attention_sharpness: bool = _opt(True, "after each validation, log the mean peak attention weight of "
                                          "the first val batch (val_att_max) and the uniform baseline")
@@ -135,11 +138,13 @@ def augments(cfg: TrainConfig) -> bool:
 
 
 def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, autocast_cache: bool = True,
-               kl_weight: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               kl_weight: float | torch.Tensor | None = None, side_stream: torch.cuda.Stream | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl].
 
     ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured).
-    ``kl_weight`` overrides ``cfg.kl_weight``; a tensor lets a captured graph follow a schedule."""
+    ``kl_weight`` overrides ``cfg.kl_weight``; a tensor lets a captured graph follow a schedule.
+    ``side_stream`` (CUDA): the R2L branch runs there, beside the L2R one (``r2l_on_side_stream``)."""
     if model.training and augments(cfg):
         x, pmask = random_affine(b.images.float().div_(255.0), b.heights, b.widths, (cfg.scale_min, cfg.scale_max),
                                  cfg.aspect_max, cfg.rotate_deg, cfg.shear_max)
@@ -155,11 +160,30 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
         if model.r2l is None:
             zero = ce_l.new_zeros(())
             return ce_l, torch.stack([ce_l, zero, zero])
-        zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
+        if side_stream is None:
+            zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
+        else:
+            zr = r2l_on_side_stream(model, feats, fmask, b, opts, side_stream)
     ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths)
     kl = distillation_kl(zl, zr, b.lengths, cfg.pairing)
     loss = ce_l + ce_r + (cfg.kl_weight if kl_weight is None else kl_weight) * kl
     return loss, torch.stack([ce_l.detach(), ce_r.detach(), kl.detach()])
+
+
+def r2l_on_side_stream(model: ABM, feats: torch.Tensor, fmask: torch.Tensor, b: PackedBatch, opts: dict,
+                       side: torch.cuda.Stream) -> torch.Tensor:
+    """The R2L teacher-forced logits, computed on ``side`` while the L2R branch's kernels run on the current
+    stream: the two decoders share only the encoder's features, and each is a chain of small kernels that
+    leaves most of the GPU idle. Autograd runs each backward op on its forward op's stream, so the two
+    backward passes overlap as well; a CUDA graph captures the fork and the join as parallel branches."""
+    main = torch.cuda.current_stream()
+    side.wait_stream(main)                     # the features are ready
+    with torch.cuda.stream(side):
+        zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
+    main.wait_stream(side)                     # the logits are ready for the loss
+    if not torch.cuda.is_current_stream_capturing():
+        zr.record_stream(main)                 # eager: its memory must not return to ``side`` while main reads it
+    return zr
 
 
 def attention_sharpness(alpha: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
@@ -200,6 +224,10 @@ class Trainer:
         self.model.to(self.device)
         self.kl_scale = torch.tensor(cfg.kl_weight, device=self.device)   # filled per step (KL warm-up)
         self.graphed_wanted = cfg.cuda_graphs and self.device.type == "cuda"
+        if cfg.branch_streams and self.device.type != "cuda":
+            raise ValueError(f"--branch-streams runs the R2L branch on a second CUDA stream: it needs a CUDA "
+                             f"device, not {self.device}")
+        self.side_stream = torch.cuda.Stream(self.device) if cfg.branch_streams and cfg.bidirectional else None
         self.opt = self._optimizer()
         t0 = time.time()
         data = Path(cfg.data)
@@ -270,7 +298,8 @@ class Trainer:
 
     # ---- one epoch --------------------------------------------------------------------------------
     def _loss(self, b: PackedBatch, autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache, self.kl_scale)
+        return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache, self.kl_scale,
+                          self.side_stream if self.model.training else None)
 
     def _eager_step(self, b: PackedBatch, sums: torch.Tensor) -> None:
         optimizer_step(list(self.model.parameters()), self.opt, self._loss, b, self.cfg.clip, sums)
