@@ -13,7 +13,8 @@
 # $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
 # so far; with RETURN=weights also the latest weights in fp16, to resume elsewhere).
 # A device call copies the tracked tree plus the carry, 64 MiB in all: the bundled engine (32 MiB), one tracked
-# fp16 weights export (16 MiB) and .carry (10 MiB) just fit. Keep at most one weights export in the tree.
+# fp16 weights export (16 MiB), the rest of the tree (5 MiB) and .carry (10 MiB) just fit. Keep at most one
+# weights export in the tree; training needs only the data, so carry [".carry/crohme.tar.gz"] (8 MiB).
 set -uo pipefail
 RUN=${RUN:-abm}
 WAIT=${WAIT:-560}
