@@ -48,7 +48,8 @@ def epoch_figures(log: Path) -> dict:
     steady = [r["epoch_seconds"] for r in epochs[1:]]
     mean = sum(steady) / len(steady)
     batches = start["train_batches"]
-    return {"device": start.get("device", "?"), "train_images": start["train_images"], "batches_per_epoch": batches, "epochs": len(epochs),
+    return {"device": start.get("device", "?"), "train_images": start["train_images"], "batches_per_epoch": batches,
+            "epochs": len(epochs),
             "first_epoch_s": round(epochs[0]["epoch_seconds"], 2),
             "capture_s": round(sum(r.get("capture_seconds", 0.0) for r in epochs), 2),
             "steady_epoch_s": round(mean, 3), "steady_epoch_s_each": [round(s, 3) for s in steady],

@@ -44,8 +44,9 @@ def _opt(default: Any, help: str) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (saved with the run). The defaults are the recipe of the runs
-    under training/runs/: Adadelta at lr 1.0 with clip 100 (spec 4.4-4.5), batches of <= 96 images."""
+    """Everything that defines a training run (saved with the run). The defaults are the runs' recipe:
+    Adadelta at lr 1.0 with clip 100 (spec 4.4-4.5), as in abm-warm and every later run under training/runs/,
+    and batches of <= 96 images / 1.5 M px, as in most of them."""
 
     data: str = _opt("../shared/data/crohme", "CROHME directory with train/ and 2014/ (the validation set)")
     out: str = _opt("runs/abm", "run directory: log.jsonl, state/ (resumed from when present), best_engine/")
@@ -70,9 +71,9 @@ class TrainConfig:
     kl_weight: float = _opt(8.0, "KL weight, beta * T^2 = 0.5 * 16 (spec 4.3)")
     kl_warmup_epochs: float = _opt(0.0, "ramp the KL weight linearly from 0 over these epochs (e.g. while a "
                                    "freshly initialised R2L branch meets a warm-started L2R)")
-    init_from: str | None = _opt(None, "warm start from an engine directory (the word default names the bundled one): "
-                                 "encoder, L2R and its R2L when it carries one; or from a trainer state or "
-                                 "weights export: every branch. Optimizer and schedule start afresh")
+    init_from: str | None = _opt(None, "warm start from an engine directory (the word default names the "
+                                 "bundled one): encoder, L2R and its R2L when it carries one; or from a trainer "
+                                 "state or weights export: every branch. Optimizer and schedule start afresh")
     bidirectional: bool = _opt(True, "train the R2L branch and the KL term; false: the L2R-only baseline")
     precision: str = _opt("bf16", "bf16 (autocast) or fp32")
     val_every: int = _opt(2, "epochs between validation decodes (beam search on 2014)")
