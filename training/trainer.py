@@ -178,12 +178,16 @@ def r2l_on_side_stream(model: ABM, feats: torch.Tensor, fmask: torch.Tensor, b: 
     leaves most of the GPU idle. Autograd runs each backward op on its forward op's stream, so the two
     backward passes overlap as well; a CUDA graph captures the fork and the join as parallel branches."""
     main = torch.cuda.current_stream()
+    eager = not torch.cuda.is_current_stream_capturing()
     side.wait_stream(main)                     # the features are ready
+    if eager:                                  # main's blocks, read on ``side``: not reused before side is done
+        for t in (feats, fmask):
+            t.record_stream(side)
     with torch.cuda.stream(side):
         zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
     main.wait_stream(side)                     # the logits are ready for the loss
-    if not torch.cuda.is_current_stream_capturing():
-        zr.record_stream(main)                 # eager: its memory must not return to ``side`` while main reads it
+    if eager:
+        zr.record_stream(main)                 # side's block, read on main
     return zr
 
 
