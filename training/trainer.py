@@ -232,7 +232,7 @@ class Trainer:
         if cfg.branch_streams and self.device.type != "cuda":
             raise ValueError(f"--branch-streams runs the R2L branch on a second CUDA stream: it needs a CUDA "
                              f"device, not {self.device}")
-        self.side_stream = torch.cuda.Stream(self.device) if cfg.branch_streams and cfg.bidirectional else None
+        self.side_stream = torch.cuda.Stream(self.device) if cfg.branch_streams else None   # unused without R2L
         self.opt = self._optimizer()
         t0 = time.time()
         data = Path(cfg.data)
@@ -303,8 +303,7 @@ class Trainer:
 
     # ---- one epoch --------------------------------------------------------------------------------
     def _loss(self, b: PackedBatch, autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache, self.kl_scale,
-                          self.side_stream if self.model.training else None)
+        return batch_loss(self.model, b, self.cfg, self.device.type, autocast_cache, self.kl_scale, self.side_stream)
 
     def _eager_step(self, b: PackedBatch, sums: torch.Tensor) -> None:
         optimizer_step(list(self.model.parameters()), self.opt, self._loss, b, self.cfg.clip, sums)
