@@ -5,7 +5,7 @@ eval mode (running statistics) and with BN on each batch's own statistics (momen
 off in both. If batch statistics gave a much lower val CE, the running statistics would be off (e.g. skewed
 by padding); they do not for the bundled soup (training/runs/abm-b16/README.md).
 
-    python3 tools/check_bn_statistics.py training/runs/abm-curriculum-s2/weights_fp16 --limit 160
+    python3 tools/check_bn_statistics.py training/runs/abm-s3b/weights_fp16 --limit 160
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def mean_ce(trainer: Trainer, batches: list, batch_statistics: bool) -> float:
 def main() -> None:
     """Print the four CEs as one JSON line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("state", help="a trainer state or weights export (e.g. training/runs/abm-curriculum-s2/weights_fp16)")
+    ap.add_argument("state", help="a trainer state or weights export (e.g. training/runs/abm-s3b/weights_fp16)")
     ap.add_argument("--data", default="../shared/data/crohme")
     ap.add_argument("--limit", type=int, default=160, help="images of each split")
     args = ap.parse_args()

@@ -9,6 +9,8 @@
 #   later calls: RUN=name bash training/device_background.sh wait
 # Several runs at once on a machine of several GPUs: GPU=k pins a run to GPU k; start them one after the
 # other in one call and wait for them in parallel (RUN=a bash ... wait & RUN=b bash ... wait; wait).
+# A next call that comes late finds a fresh machine: the trainer and its unreturned state are gone (abm-s3).
+# Where a run cannot afford that, make every call return its weights (RETURN=weights).
 # Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back, per run:
 # $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
 # so far; with RETURN=weights also the latest weights in fp16, to resume elsewhere).

@@ -92,7 +92,8 @@ class TrainConfig:
                              "fixed-shape batches train eagerly. The fast path on a GPU")
     branch_streams: bool = _opt(False, "run the R2L branch (forward and, through autograd, backward) on a "
                                 "second CUDA stream beside the L2R one, captured as parallel work in the CUDA "
-                                "graphs; CUDA only. Its speed-up is not measured yet")
+                                "graphs; CUDA only. On an H200 it gave no speed-up (23.55-23.79 s per epoch "
+                                "against 23.12-23.34 without: tests/logs/2026-12-03_branch_streams_h200)")
     save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
     log_attention_sharpness: bool = _opt(True, "after each validation, log the mean peak attention weight of "
                                          "the first val batch (val_att_max) and the uniform baseline")
