@@ -3,14 +3,13 @@
 # and consecutive calls, each at most 10 minutes, watch it. One process for the whole run, so CUDA
 # graphs are captured once and the data is packed once. The machine is given back 30 s after a call
 # ends (or after 30 minutes held): chain the calls, and give the trainer a --stop-after that ends it
-# before the last call does.
+# before the last call does. A call that comes late finds a fresh machine, without the trainer and its
+# unreturned state (abm-s3): where a run cannot afford that, make every call RETURN=weights.
 #   first call:  RUN=name bash training/device_background.sh start [trainer options]
 #                (carry [".carry"], plus ".train_carry" holding train_carry/RUN/state to resume)
 #   later calls: RUN=name bash training/device_background.sh wait
 # Several runs at once on a machine of several GPUs: GPU=k pins a run to GPU k; start them one after the
 # other in one call and wait for them in parallel (RUN=a bash ... wait & RUN=b bash ... wait; wait).
-# A next call that comes late finds a fresh machine: the trainer and its unreturned state are gone (abm-s3).
-# Where a run cannot afford that, make every call return its weights (RETURN=weights).
 # Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back, per run:
 # $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
 # so far; with RETURN=weights also the latest weights in fp16, to resume elsewhere).
