@@ -166,3 +166,32 @@ def test_distillation_gradients_and_zero():
     assert float(distillation_kl(zl.detach(), mirror, lengths)) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError):
         distillation_kl(zl, zr, lengths, pairing="bogus")
+
+
+# ---- distillation towards teacher targets ------------------------------------------------------------
+
+def test_soft_target_kl_equals_loop_and_vanishes_on_its_own_targets():
+    """soft_target_kl = mean over samples of (1 / (n_b + 1)) sum_{t <= n_b} KL(p_t || softmax(z_t / T));
+    padded steps do not count; it is 0 when the targets are the student's own softened distribution, and
+    its gradient reaches the logits only."""
+    from training.losses import soft_target_kl
+
+    B, T, K, temp = 3, 6, 9, 2.0
+    logits = _random_logits(B, T, K, seed=5).requires_grad_(True)
+    teacher = _random_logits(B, T, K, seed=6)
+    soft = torch.softmax(teacher / temp, -1)
+    lengths = torch.tensor([5, 1, 3])
+    got = soft_target_kl(logits, soft, lengths, temp)
+    want = 0.0
+    for b in range(B):
+        n = int(lengths[b]) + 1
+        want += sum(_kl_pair(teacher[b, t], logits[b, t].detach(), temp) for t in range(n)) / n
+    assert float(got.detach()) == pytest.approx(want / B, rel=1e-5)
+    got.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert (logits.grad[1, 2:] == 0).all()                                   # padding gets no gradient
+    own = torch.softmax(logits.detach() / temp, -1)
+    assert float(soft_target_kl(logits.detach(), own, lengths, temp)) == pytest.approx(0.0, abs=1e-6)
+    peaked = torch.zeros(B, T, K)
+    peaked[..., 0] = 1.0                                                     # zeros in p: xlogy, not NaN
+    assert torch.isfinite(soft_target_kl(logits.detach(), peaked, lengths, temp))

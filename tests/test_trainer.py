@@ -276,14 +276,16 @@ def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("optimizer,pairing,streams", [("adamw", "aligned", False), ("adadelta", "aligned", False),
-                                                      ("adadelta", "paper", False), ("adadelta", "aligned", True)])
-def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams):
+@pytest.mark.parametrize("optimizer,pairing,streams,soft", [
+    ("adamw", "aligned", False, False), ("adadelta", "aligned", False, False), ("adadelta", "paper", False, False),
+    ("adadelta", "aligned", True, False), ("adadelta", "aligned", False, True)])
+def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, soft):
     """From the same weights and optimizer state, one replayed graph step and one eager step on a new batch
     of the captured shape give the same parameters (fp32, dropout 0), and the loss sums agree. Both KL
     pairings capture (the paper's one once used ``nonzero``, a host sync that broke the capture). With
     ``streams`` the graph runs the R2L branch on a second stream (--branch-streams) and the eager reference
-    runs everything on one: the fork and join are captured without changing the step."""
+    runs everything on one: the fork and join are captured without changing the step. With ``soft`` the
+    batches carry teacher soft targets (--teachers): the graph reads each batch's own."""
     from training.graphed import GraphedTrainStep
     from training.trainer import batch_loss
 
@@ -294,6 +296,12 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams):
     batches = pack_fixed_shapes(samples, Vocab.default(), dev, max_batch=8, max_batch_pixels=400_000)
     key = lambda b: (tuple(b.images.shape), b.l2r_in.shape[1])
     pair = next((a, b) for i, a in enumerate(batches) for b in batches[i + 1:] if key(a) == key(b))
+    if soft:
+        g = torch.Generator(device=dev).manual_seed(9)
+        for b in pair:
+            for name in ("l2r_soft", "r2l_soft"):
+                shape = (*b.l2r_in.shape, len(Vocab.default()))
+                setattr(b, name, torch.softmax(3 * torch.randn(shape, device=dev, generator=g), -1).to(torch.bfloat16))
     cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.0}, pairing=pairing)
     torch.manual_seed(0)
     model = ABM(ModelConfig(**cfg.model), bidirectional=True)
@@ -458,3 +466,62 @@ def test_length_curriculum_trains_the_shortest_labels_first(tmp_path):
     assert epochs[2]["images_per_s"] * epochs[2]["epoch_seconds"] == pytest.approx(24)
     first = {name for i in trainer.epoch_batches(0) for name in batches[i].names}
     assert epochs[0]["images_per_s"] * epochs[0]["epoch_seconds"] == pytest.approx(len(first))
+
+
+def test_teachers_attach_soft_targets_and_add_the_kd_term(tmp_path):
+    """--teachers: every training batch carries the teachers' mean softmax(z / T), teacher-forced on its own
+    inputs (checked against two engines by hand on one batch); an epoch logs a finite kd; batch_loss adds
+    teacher_weight * T^2 * kd, and a teacher without R2L is refused."""
+    from abm_rt.engine_dir import save_engine
+    from training.losses import soft_target_kl
+    from training.trainer import batch_loss
+
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(8, seed=11, max_h=100, max_w=200))
+    _write_split(data / "2014", _samples(2, seed=12, max_h=100, max_w=200))
+    teachers = []
+    for k in range(2):
+        torch.manual_seed(20 + k)
+        m = ABM(ModelConfig(**TINY), bidirectional=True)
+        initialize(m)
+        save_engine(tmp_path / f"t{k}", m, Vocab.default(), with_r2l=True)
+        teachers.append(m.eval())
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, device="cpu", model=TINY,
+                      precision="fp32", max_batch=4, batch_pixels=200_000, val_every=1, val_beam=2,
+                      teachers=f"{tmp_path / 't0'},{tmp_path / 't1'}", teacher_temperature=2.0, teacher_weight=0.5)
+    trainer = Trainer(cfg)
+    b = trainer.train_batches[0]
+    B, T = b.l2r_in.shape
+    assert b.l2r_soft.shape == b.r2l_soft.shape == (B, T, len(Vocab.default()))
+    assert b.l2r_soft.dtype == torch.bfloat16
+    with torch.no_grad():
+        x, pm = b.inputs()
+        want = {"l2r": 0, "r2l": 0}
+        for m in teachers:
+            f, fm = m.encode(x, pm)
+            want["l2r"] = want["l2r"] + torch.softmax(m.l2r.teacher_forward(f, fm, b.l2r_in)[0] / 2.0, -1) / 2
+            want["r2l"] = want["r2l"] + torch.softmax(m.r2l.teacher_forward(f, fm, b.r2l_in)[0] / 2.0, -1) / 2
+    torch.testing.assert_close(b.l2r_soft.float(), want["l2r"], rtol=1e-2, atol=4e-3)
+    torch.testing.assert_close(b.r2l_soft.float(), want["r2l"], rtol=1e-2, atol=4e-3)
+
+    trainer.model.eval()                            # deterministic: the parts must add up to the loss
+    with torch.no_grad():
+        loss, parts = batch_loss(trainer.model, b, cfg, "cpu")
+        feats, fmask = trainer.model.encode(*b.inputs())
+        zl, _ = trainer.model.l2r.teacher_forward(feats, fmask, b.l2r_in)
+        zr, _ = trainer.model.r2l.teacher_forward(feats, fmask, b.r2l_in)
+        kd = soft_target_kl(zl, b.l2r_soft, b.lengths, 2.0) + soft_target_kl(zr, b.r2l_soft, b.lengths, 2.0)
+    assert float(parts[3]) == pytest.approx(float(kd), rel=1e-5)
+    assert float(loss) == pytest.approx(float(parts[0] + parts[1] + cfg.kl_weight * parts[2] + 0.5 * 4.0 * kd),
+                                        rel=1e-5)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "teacher_seconds" in records[0]
+    assert np.isfinite(records[1]["kd"]) and records[1]["kd"] > 0
+
+    torch.manual_seed(30)
+    lone = ABM(ModelConfig(**TINY), bidirectional=False)
+    initialize(lone)
+    save_engine(tmp_path / "no_r2l", lone, Vocab.default())
+    with pytest.raises(ValueError, match="no R2L branch"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "run2"), "teachers": str(tmp_path / "no_r2l")}))

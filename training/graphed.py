@@ -22,11 +22,20 @@ import torch
 
 from .packed import PackedBatch
 
+# The detached loss parts a step adds up: ce_l2r, ce_r2l, kl (L2R/R2L) and kd (towards the teachers).
+LOSS_PARTS = 4
+
 LossFn = Callable[[PackedBatch, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 # The tensors of a PackedBatch that a graph reads (its names and tokens stay on the host).
 BATCH_TENSORS = ("images", "heights", "widths", "lengths", "l2r_in", "l2r_tgt", "r2l_in", "r2l_tgt")
+SOFT_TENSORS = ("l2r_soft", "r2l_soft")      # only when the run distils from teachers
+
+
+def batch_tensor_names(b: PackedBatch) -> tuple[str, ...]:
+    """The tensors of ``b`` a graph reads: ``BATCH_TENSORS`` and the soft targets it carries."""
+    return BATCH_TENSORS + tuple(n for n in SOFT_TENSORS if getattr(b, n) is not None)
 
 
 def optimizer_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, loss_fn: LossFn,
@@ -65,7 +74,7 @@ class GraphedTrainStep:
         for p in self.params:               # gradients live outside every graph, zeroed in place
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.sums = torch.zeros(3, device=device)
+        self.sums = torch.zeros(LOSS_PARTS, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, PackedBatch]] = {}
         self.capture_seconds = 0.0
@@ -81,12 +90,12 @@ class GraphedTrainStep:
         entry = self.graphs.get(key)
         if entry is not None:
             graph, static = entry
-            for name in BATCH_TENSORS:
+            for name in batch_tensor_names(b):
                 getattr(static, name).copy_(getattr(b, name))
             graph.replay()
             return True
         t0 = time.time()
-        static = PackedBatch(**{name: getattr(b, name).clone() for name in BATCH_TENSORS},
+        static = PackedBatch(**{name: getattr(b, name).clone() for name in batch_tensor_names(b)},
                              names=[], tokens=[])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -19,6 +19,20 @@ def sequence_ce(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tens
     return ((nll * valid).sum(1) / steps).mean()
 
 
+def soft_target_kl(logits: torch.Tensor, soft: torch.Tensor, lengths: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """KL(soft || softmax(logits / T)) per step, averaged like ``sequence_ce``: within each sample over its
+    n_b + 1 steps, then over the batch. ``soft`` [B, T, K] are teacher probabilities at the same
+    temperature (``training.distill``); gradients reach ``logits`` only."""
+    B, T, K = logits.shape
+    logq = torch.log_softmax(logits.float() / temperature, -1)
+    p = soft.float()
+    rows = (torch.xlogy(p, p) - p * logq).sum(-1)                                       # [B, T]
+    steps = lengths + 1
+    valid = torch.arange(T, device=logits.device)[None, :] < steps[:, None]
+    return ((rows * valid).sum(1) / steps).mean()
+
+
 def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per row, KL(softmax(p/T) || softmax(q/T)), rows paired by position."""
     logq = torch.log_softmax(p_logits.float() / temperature, -1)

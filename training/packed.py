@@ -28,6 +28,9 @@ class PackedBatch:
     r2l_tgt: torch.Tensor
     names: list[str]
     tokens: list[list[str]]
+    # distillation targets (training.distill): teacher probabilities [B, T, K], bf16; None without teachers
+    l2r_soft: torch.Tensor | None = None
+    r2l_soft: torch.Tensor | None = None
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images as float in [0, 1], pixel mask [B, H, W]) computed on the device."""

@@ -30,8 +30,8 @@ from abm_rt.model import ABM, ModelConfig, initialize
 from .augment import random_affine
 from .ema import WeightAverage
 from .checkpoint import has_state, load_state, save_state
-from .losses import distillation_kl, sequence_ce
-from .graphed import GraphedTrainStep, optimizer_step
+from .losses import distillation_kl, sequence_ce, soft_target_kl
+from .graphed import LOSS_PARTS, GraphedTrainStep, optimizer_step
 from .packed import PackedBatch, pack_fixed_shapes, pack_split
 
 
@@ -108,6 +108,12 @@ class TrainConfig:
     curriculum_start: float = _opt(0.2, "the curriculum's first fraction of the batches")
     ema_decay: float = _opt(0.0, "> 0: also validate an EMA of the weights (training/ema.py) and keep whichever "
                             "decodes better as best_engine. Not in the state: a resume restarts the average")
+    teachers: str | None = _opt(None, "distil from these models (comma separated: engine directories, trainer "
+                                "states or weights exports, or default), each with its R2L branch: their mean "
+                                "soft predictions on the training set are computed once (training/distill.py)")
+    teacher_weight: float = _opt(1.0, "with --teachers: weight of the KL towards their soft targets (times T^2), "
+                                 "added for each branch")
+    teacher_temperature: float = _opt(2.0, "with --teachers: the temperature T of their and the student's softmax")
     model: dict = _opt({}, "ModelConfig overrides as JSON (tests use small models)")
 
 
@@ -142,7 +148,10 @@ def augments(cfg: TrainConfig) -> bool:
 def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, autocast_cache: bool = True,
                kl_weight: float | torch.Tensor | None = None, side_stream: torch.cuda.Stream | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl].
+    """The training loss of one batch (spec 4.3) and its detached parts [ce_l2r, ce_r2l, kl, kd].
+
+    ``kd``: when the batch carries teacher soft targets (``training.distill``), the KL towards them summed
+    over the branches; ``cfg.teacher_weight * T^2`` times it joins the loss.
 
     ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured).
     ``kl_weight`` overrides ``cfg.kl_weight``; a tensor lets a captured graph follow a schedule.
@@ -159,17 +168,31 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
         feats, fmask = model.encode(x, pmask)
         zl, _ = model.l2r.teacher_forward(feats, fmask, b.l2r_in, **opts)
         ce_l = sequence_ce(zl, b.l2r_tgt, b.lengths)
+        kd = _teacher_kl(zl, b.l2r_soft, b, cfg)
         if model.r2l is None:
             zero = ce_l.new_zeros(())
-            return ce_l, torch.stack([ce_l, zero, zero])
+            return ce_l + _teacher_scale(cfg) * kd, torch.stack([ce_l.detach(), zero, zero, kd.detach()])
         if side_stream is None:
             zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
         else:
             zr = r2l_on_side_stream(model, feats, fmask, b, opts, side_stream)
     ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths)
     kl = distillation_kl(zl, zr, b.lengths, cfg.pairing)
-    loss = ce_l + ce_r + (cfg.kl_weight if kl_weight is None else kl_weight) * kl
-    return loss, torch.stack([ce_l.detach(), ce_r.detach(), kl.detach()])
+    kd = kd + _teacher_kl(zr, b.r2l_soft, b, cfg)
+    loss = ce_l + ce_r + (cfg.kl_weight if kl_weight is None else kl_weight) * kl + _teacher_scale(cfg) * kd
+    return loss, torch.stack([ce_l.detach(), ce_r.detach(), kl.detach(), kd.detach()])
+
+
+def _teacher_kl(logits: torch.Tensor, soft: torch.Tensor | None, b: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
+    """The KL towards one branch's teacher targets, or 0 when the batch has none."""
+    if soft is None:
+        return logits.new_zeros((), dtype=torch.float32)
+    return soft_target_kl(logits, soft, b.lengths, cfg.teacher_temperature)
+
+
+def _teacher_scale(cfg: TrainConfig) -> float:
+    """Hinton's T^2: keeps the soft targets' gradients on the hard targets' scale whatever the temperature."""
+    return cfg.teacher_weight * cfg.teacher_temperature ** 2
 
 
 def r2l_on_side_stream(model: ABM, feats: torch.Tensor, fmask: torch.Tensor, b: PackedBatch, opts: dict,
@@ -245,6 +268,7 @@ class Trainer:
         else:
             self.train_batches = pack_split(train, self.vocab, self.device, cfg.max_batch, cfg.batch_pixels, pad)
         self.val_batches = pack_split(val, self.vocab, self.device, 128, cfg.val_batch_pixels, pad)
+        self.teacher_seconds = self._attach_teacher_targets() if cfg.teachers else None
         self.n_train, self.n_val = len(train), len(val)
         # batches ordered by their longest label, for the curriculum (host-side labels: no device reads)
         self.longest_label = [max(map(len, b.tokens)) for b in self.train_batches]
@@ -282,6 +306,25 @@ class Trainer:
                 if getattr(src, name, None) is not None and getattr(self.model, name, None) is not None:
                     getattr(self.model, name).load_state_dict(getattr(src, name).state_dict())
         self.meta["init_from"] = str(where)
+
+    def _attach_teacher_targets(self) -> float:
+        """Load ``--teachers``, attach their soft targets to every training batch, free them; the seconds."""
+        from .distill import attach_soft_targets, load_teachers
+
+        t0 = time.time()
+        teachers = load_teachers(self.cfg.teachers, self.device)
+        for name, model in teachers:
+            if model.cfg != self.model.cfg:
+                raise ValueError(f"--teachers {name}: its model dimensions {model.cfg} differ from this run's "
+                                 f"(the soft targets need the same vocabulary and step layout, not the same size, "
+                                 f"but a mismatch here is almost always a wrong path)")
+        attach_soft_targets(self.train_batches, [m for _, m in teachers], self.cfg.teacher_temperature,
+                            bf16=self.cfg.precision == "bf16", attention_fp32=self.cfg.attention_fp32)
+        del teachers
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return time.time() - t0
 
     def _kl_weight_at(self, step: int, steps_per_epoch: int) -> float:
         """The KL weight: ``kl_weight``, ramped from 0 over ``kl_warmup_epochs`` when set."""
@@ -341,7 +384,7 @@ class Trainer:
         self.model.train()
         order = self.epoch_batches(self.meta["epoch"])
         random.Random(self.cfg.seed * 100003 + self.meta["epoch"]).shuffle(order)
-        sums = torch.zeros(3, device=self.device)
+        sums = torch.zeros(LOSS_PARTS, device=self.device)
         spe = len(self.train_batches)       # warm-up and KL ramp count full epochs, curriculum or not
         t0 = time.time()
         if self.graphed is not None:
@@ -370,6 +413,7 @@ class Trainer:
         # distinct images: each canvas's last batch is filled up with images that are trained twice
         images = len({name for bi in order for name in self.train_batches[bi].names})
         out = {"ce_l2r": means[0], "ce_r2l": means[1], "kl": means[2], "lr": lr,
+               **({"kd": means[3]} if self.cfg.teachers else {}),
                "epoch_seconds": secs, "images_per_s": images / secs}
         if len(order) < len(self.train_batches):
             out["curriculum_batches"] = len(order)
@@ -436,6 +480,7 @@ class Trainer:
         self._log({"event": "start", "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
                    "train_images": self.n_train, "train_batches": len(self.train_batches),
                    "val_images": self.n_val, "load_seconds": round(self.load_seconds, 2),
+                   **({"teacher_seconds": round(self.teacher_seconds, 2)} if self.teacher_seconds is not None else {}),
                    "resumed_epoch": self.meta["epoch"], "config": asdict(cfg)})
         first_epoch = self.meta["epoch"]
         while not self.finished():
