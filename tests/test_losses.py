@@ -53,6 +53,27 @@ def test_sequence_ce_equals_hand_loop():
     assert float(sequence_ce(noisy, targets, lengths)) == pytest.approx(got, rel=1e-6)
 
 
+def test_sequence_ce_label_smoothing_equals_hand_loop():
+    """With eps: each step's loss is (1 - eps) (-log p_label) + eps * mean over the K classes of -log p_k,
+    averaged like the plain CE; eps = 0 is the plain CE."""
+    B, T, K, eps = 3, 6, 9, 0.1
+    logits = _random_logits(B, T, K, seed=4)
+    targets = torch.randint(0, K, (B, T), generator=torch.Generator().manual_seed(5))
+    lengths = torch.tensor([5, 1, 3])
+    total = 0.0
+    for b in range(B):
+        n = int(lengths[b])
+        s = 0.0
+        for t in range(n + 1):
+            row = logits[b, t].double().tolist()
+            lse = math.log(sum(math.exp(v) for v in row))
+            nll = [lse - v for v in row]
+            s += (1 - eps) * nll[int(targets[b, t])] + eps * sum(nll) / K
+        total += s / (n + 1)
+    assert float(sequence_ce(logits, targets, lengths, eps)) == pytest.approx(total / B, rel=1e-5)
+    assert float(sequence_ce(logits, targets, lengths, 0.0)) == float(sequence_ce(logits, targets, lengths))
+
+
 # ---- teacher-forcing tensors -----------------------------------------------------------------------
 
 def test_teacher_tensors_hand_made():

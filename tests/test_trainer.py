@@ -525,3 +525,28 @@ def test_teachers_attach_soft_targets_and_add_the_kd_term(tmp_path):
     save_engine(tmp_path / "no_r2l", lone, Vocab.default())
     with pytest.raises(ValueError, match="no R2L branch"):
         Trainer(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "run2"), "teachers": str(tmp_path / "no_r2l")}))
+
+
+def test_label_smoothing_reaches_both_branches_ce(tmp_path):
+    """--label-smoothing eps: batch_loss's CE parts are sequence_ce with eps for both branches (where
+    the plain CE of the same logits differs), and the loss still adds up from its parts."""
+    from training.losses import sequence_ce
+    from training.trainer import batch_loss
+
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(4, seed=13, max_h=100, max_w=200))
+    _write_split(data / "2014", _samples(2, seed=14, max_h=100, max_w=200))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, device="cpu", model=TINY,
+                      precision="fp32", max_batch=4, batch_pixels=200_000, label_smoothing=0.1)
+    trainer = Trainer(cfg)
+    b = trainer.train_batches[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        loss, parts = batch_loss(trainer.model, b, cfg, "cpu")
+        feats, fmask = trainer.model.encode(*b.inputs())
+        zl, _ = trainer.model.l2r.teacher_forward(feats, fmask, b.l2r_in)
+        zr, _ = trainer.model.r2l.teacher_forward(feats, fmask, b.r2l_in)
+    assert float(parts[0]) == pytest.approx(float(sequence_ce(zl, b.l2r_tgt, b.lengths, 0.1)), rel=1e-5)
+    assert float(parts[1]) == pytest.approx(float(sequence_ce(zr, b.r2l_tgt, b.lengths, 0.1)), rel=1e-5)
+    assert float(parts[0]) != pytest.approx(float(sequence_ce(zl, b.l2r_tgt, b.lengths)), rel=1e-4)
+    assert float(loss) == pytest.approx(float(parts[0] + parts[1] + cfg.kl_weight * parts[2]), rel=1e-5)

@@ -12,7 +12,8 @@ every batch:
 
 Each image then keeps the pooled hypothesis with the lowest ``sum over the chosen scores / (n + 1)``. The
 JSON reports, per combination: every member alone (its own beam, L2R alone and rescored with its R2L, as
-``abm-rt eval`` does), and the pool under the L2R scores of all members and under all their scores. Plus
+``abm-rt eval`` does), each member's own beam under all members' scores (one search, several rescoring
+passes), and the pool under the L2R scores of all members and under all their scores. Plus
 the oracle (the reference among the pooled hypotheses). Nothing here is tuned: every score counts alike.
 
     python3 tools/eval_ensemble.py ../shared/data/crohme/2014 abm_rt/assets/default /tmp/eng_s3b --device cpu
@@ -153,6 +154,8 @@ def main() -> int:
         combos[f"member {k} alone, L2R"] = dict(members=[k], use_r2l=False, own_beam=k)
         combos[f"member {k} alone, rescored"] = dict(members=[k], use_r2l=True, own_beam=k)
         combos[f"pool, member {k}'s L2R + R2L"] = dict(members=[k], use_r2l=True)
+        # one beam search, every member rescoring: the cheap form (one search, several teacher-forced passes)
+        combos[f"member {k}'s beam, every L2R + R2L"] = dict(members=everyone, use_r2l=True, own_beam=k)
     combos["pool, every L2R"] = dict(members=everyone, use_r2l=False)
     combos["pool, every L2R + R2L"] = dict(members=everyone, use_r2l=True)
     rows = []

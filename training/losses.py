@@ -7,13 +7,17 @@ import torch.nn.functional as F
 from abm_rt.model.teacher import teacher_tensors as branch_teacher_tensors
 
 
-def sequence_ce(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def sequence_ce(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
+                label_smoothing: float = 0.0) -> torch.Tensor:
     """CE averaged within each sample over its n_b + 1 steps, then over the batch (spec 4.3).
 
     logits [B, T, K], targets [B, T], lengths [B] = n_b (symbols; the +1 is the end token).
+    ``label_smoothing`` eps: each step's target is (1 - eps) on the label plus eps / K on every class
+    (not in the paper; a regulariser against the memorisation every run shows).
     """
     B, T, K = logits.shape
-    nll = F.cross_entropy(logits.float().reshape(B * T, K), targets.reshape(B * T), reduction="none").view(B, T)
+    nll = F.cross_entropy(logits.float().reshape(B * T, K), targets.reshape(B * T), reduction="none",
+                          label_smoothing=label_smoothing).view(B, T)
     steps = lengths + 1
     valid = torch.arange(T, device=logits.device)[None, :] < steps[:, None]
     return ((nll * valid).sum(1) / steps).mean()

@@ -69,6 +69,8 @@ class TrainConfig:
     pairing: str = _opt("aligned", "KL pairing: aligned (same target token of the same sample) or paper "
                         "(the paper code's order, spec 7.1)")
     kl_weight: float = _opt(8.0, "KL weight, beta * T^2 = 0.5 * 16 (spec 4.3)")
+    label_smoothing: float = _opt(0.0, "label smoothing eps of both branches' training CE (validation CE "
+                                  "stays plain); not in the paper")
     kl_warmup_epochs: float = _opt(0.0, "ramp the KL weight linearly from 0 over these epochs (e.g. while a "
                                    "freshly initialised R2L branch meets a warm-started L2R)")
     init_from: str | None = _opt(None, "warm start from an engine directory (the word default names the "
@@ -167,7 +169,7 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
     with amp:
         feats, fmask = model.encode(x, pmask)
         zl, _ = model.l2r.teacher_forward(feats, fmask, b.l2r_in, **opts)
-        ce_l = sequence_ce(zl, b.l2r_tgt, b.lengths)
+        ce_l = sequence_ce(zl, b.l2r_tgt, b.lengths, cfg.label_smoothing)
         kd = _teacher_kl(zl, b.l2r_soft, b, cfg)
         if model.r2l is None:
             zero = ce_l.new_zeros(())
@@ -176,7 +178,7 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
             zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
         else:
             zr = r2l_on_side_stream(model, feats, fmask, b, opts, side_stream)
-    ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths)
+    ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths, cfg.label_smoothing)
     kl = distillation_kl(zl, zr, b.lengths, cfg.pairing)
     kd = kd + _teacher_kl(zr, b.r2l_soft, b, cfg)
     loss = ce_l + ce_r + (cfg.kl_weight if kl_weight is None else kl_weight) * kl + _teacher_scale(cfg) * kd
