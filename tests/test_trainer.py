@@ -276,16 +276,18 @@ def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("optimizer,pairing,streams,soft", [
-    ("adamw", "aligned", False, False), ("adadelta", "aligned", False, False), ("adadelta", "paper", False, False),
-    ("adadelta", "aligned", True, False), ("adadelta", "aligned", False, True)])
-def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, soft):
+@pytest.mark.parametrize("optimizer,pairing,streams,soft,smoothing", [
+    ("adamw", "aligned", False, False, 0.0), ("adadelta", "aligned", False, False, 0.0),
+    ("adadelta", "paper", False, False, 0.0), ("adadelta", "aligned", True, False, 0.0),
+    ("adadelta", "aligned", False, True, 0.0), ("adadelta", "aligned", False, False, 0.1)])
+def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, soft, smoothing):
     """From the same weights and optimizer state, one replayed graph step and one eager step on a new batch
     of the captured shape give the same parameters (fp32, dropout 0), and the loss sums agree. Both KL
     pairings capture (the paper's one once used ``nonzero``, a host sync that broke the capture). With
     ``streams`` the graph runs the R2L branch on a second stream (--branch-streams) and the eager reference
     runs everything on one: the fork and join are captured without changing the step. With ``soft`` the
-    batches carry teacher soft targets (--teachers): the graph reads each batch's own."""
+    batches carry teacher soft targets (--teachers): the graph reads each batch's own. ``smoothing``:
+    --label-smoothing in the captured CE."""
     from training.graphed import GraphedTrainStep
     from training.trainer import batch_loss
 
@@ -302,7 +304,7 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, s
             for name in ("l2r_soft", "r2l_soft"):
                 shape = (*b.l2r_in.shape, len(Vocab.default()))
                 setattr(b, name, torch.softmax(3 * torch.randn(shape, device=dev, generator=g), -1).to(torch.bfloat16))
-    cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.0}, pairing=pairing)
+    cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.0}, pairing=pairing, label_smoothing=smoothing)
     torch.manual_seed(0)
     model = ABM(ModelConfig(**cfg.model), bidirectional=True)
     initialize(model)
