@@ -27,6 +27,23 @@ def _kl_pair(zl: torch.Tensor, zr: torch.Tensor, temp: float = TEMP) -> float:
 
 # ---- cross-entropy ---------------------------------------------------------------------------------
 
+def _hand_sequence_ce(logits, targets, lengths, eps: float = 0.0) -> float:
+    """Spec 4.3 by hand: mean over samples of (1 / (n_b + 1)) sum_{t <= n_b} of the step loss
+    (1 - eps) (-log p_label) + eps * mean over the K classes of -log p_k (eps = 0: plain CE)."""
+    B, _, K = logits.shape
+    total = 0.0
+    for b in range(B):
+        n = int(lengths[b])
+        s = 0.0
+        for t in range(n + 1):
+            row = logits[b, t].double().tolist()
+            lse = math.log(sum(math.exp(v) for v in row))
+            nll = [lse - v for v in row]
+            s += (1 - eps) * nll[int(targets[b, t])] + eps * sum(nll) / K
+        total += s / (n + 1)
+    return total / B
+
+
 def test_sequence_ce_equals_hand_loop():
     """sequence_ce = mean over samples of (1 / (n_b + 1)) sum_{t <= n_b} -log p_t(target_t); steps after
     n_b (padding) do not count (spec 4.3)."""
@@ -36,16 +53,7 @@ def test_sequence_ce_equals_hand_loop():
     targets = torch.randint(0, K, (B, T), generator=g)
     lengths = torch.tensor([6, 2, 0, 4])
     got = float(sequence_ce(logits, targets, lengths))
-    total = 0.0
-    for b in range(B):
-        n = int(lengths[b])
-        s = 0.0
-        for t in range(n + 1):
-            row = logits[b, t].double().tolist()
-            lse = math.log(sum(math.exp(v) for v in row))
-            s += lse - row[int(targets[b, t])]
-        total += s / (n + 1)
-    assert got == pytest.approx(total / B, rel=1e-5)
+    assert got == pytest.approx(_hand_sequence_ce(logits, targets, lengths), rel=1e-5)
     # Garbage after n_b + 1 steps changes nothing.
     noisy = logits.clone()
     for b in range(B):
@@ -60,17 +68,8 @@ def test_sequence_ce_label_smoothing_equals_hand_loop():
     logits = _random_logits(B, T, K, seed=4)
     targets = torch.randint(0, K, (B, T), generator=torch.Generator().manual_seed(5))
     lengths = torch.tensor([5, 1, 3])
-    total = 0.0
-    for b in range(B):
-        n = int(lengths[b])
-        s = 0.0
-        for t in range(n + 1):
-            row = logits[b, t].double().tolist()
-            lse = math.log(sum(math.exp(v) for v in row))
-            nll = [lse - v for v in row]
-            s += (1 - eps) * nll[int(targets[b, t])] + eps * sum(nll) / K
-        total += s / (n + 1)
-    assert float(sequence_ce(logits, targets, lengths, eps)) == pytest.approx(total / B, rel=1e-5)
+    want = _hand_sequence_ce(logits, targets, lengths, eps)
+    assert float(sequence_ce(logits, targets, lengths, eps)) == pytest.approx(want, rel=1e-5)
     assert float(sequence_ce(logits, targets, lengths, 0.0)) == float(sequence_ce(logits, targets, lengths))
 
 
