@@ -34,6 +34,17 @@ def test_feature_dim_and_block_channels():
     assert cfg.downsample == 16
 
 
+
+def test_same_weights_layout_ignores_training_only_fields():
+    """Dropout changes training, not a parameter's shape: configs that differ only there share weights;
+    any dimension makes them differ, and so do the parameter shapes of the two models."""
+    base = ModelConfig()
+    assert base.same_weights_layout(ModelConfig(dropout=0.3))
+    assert not base.same_weights_layout(ModelConfig(hidden=128))
+    small = {"growth": 8, "block_depth": 2, "hidden": 32, "embed": 32, "attn": 32}
+    shapes = [{k: v.shape for k, v in ABM(ModelConfig(**small, dropout=p)).state_dict().items()} for p in (0.2, 0.5)]
+    assert shapes[0] == shapes[1]
+
 # ---- spec 2.3 / 1.3: encoder output grid ---------------------------------------------------------
 
 ODD_SIZES = [(94, 256), (97, 251), (33, 17), (17, 33), (16, 16), (15, 16), (1, 1), (2, 3), (31, 49), (65, 129)]

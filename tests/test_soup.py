@@ -71,3 +71,9 @@ def test_cli_equal_weights_and_bad_inputs(tmp_path, capsys):
     c = _engine(tmp_path / "c", 3, hidden=48)
     with pytest.raises(ValueError, match="model dimensions"):
         average_engines([a, c], tmp_path / "x")
+    # Another dropout rate is a training setting: that soup is made, with the first engine's config.
+    d = _engine(tmp_path / "d", 4, dropout=0.3)
+    soup = load_engine(average_engines([a, d], tmp_path / "mixed_dropout"))
+    assert soup.model.cfg == load_engine(a).model.cfg
+    torch.testing.assert_close(soup.model.l2r.W_o.weight,
+                               0.5 * (load_engine(a).model.l2r.W_o.weight + load_engine(d).model.l2r.W_o.weight))

@@ -122,7 +122,8 @@ def test_trainer_runs_logs_and_resumes(tmp_path, optimizer):
 
 
 def test_warm_start_and_kl_warmup(tmp_path):
-    """--init-from copies the engine's encoder and L2R weights into a fresh run (R2L keeps its own init);
+    """--init-from copies the engine's encoder and L2R weights into a fresh run (R2L keeps its own init),
+    also into a run with another dropout rate;
     the KL weight ramps linearly to kl_weight over kl_warmup_epochs; the CLI parses both options."""
     from abm_rt.engine_dir import save_engine
     from training.__main__ import build_parser
@@ -145,6 +146,12 @@ def test_warm_start_and_kl_warmup(tmp_path):
     with pytest.raises(ValueError, match="model dimensions"):
         Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run2"), device="cpu",
                             model={**TINY, "hidden": 48}, init_from=str(tmp_path / "engine")))
+    # Dropout is a training setting, not a dimension: a dropout-0.3 fine-tune warm starts from it.
+    stronger = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run3"), device="cpu",
+                                   model={**TINY, "dropout": 0.3}, init_from=str(tmp_path / "engine")))
+    assert stronger.model.cfg.dropout == 0.3
+    for k, v in source.state_dict().items():
+        assert torch.equal(stronger.model.state_dict()[k], v), k
 
 
 def test_warm_start_from_a_weights_export_keeps_r2l(tmp_path):

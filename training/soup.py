@@ -49,7 +49,7 @@ def average_engines(sources: Sequence[str | Path], out: str | Path,
     engines = [load_engine(s) for s in sources]
     first = engines[0]
     for e in engines[1:]:
-        if e.model.cfg != first.model.cfg:
+        if not e.model.cfg.same_weights_layout(first.model.cfg):
             raise ValueError(f"{e.path}: model dimensions {e.model.cfg} differ from {first.path}'s {first.model.cfg}")
         if e.vocab.tokens != first.vocab.tokens:
             raise ValueError(f"{e.path}: its vocabulary differs from {first.path}'s")

@@ -301,7 +301,7 @@ class Trainer:
         else:
             engine = load_engine(default_engine_path() if source == "default" else source)
             src, where = engine.model, engine.path
-        if src.cfg != self.model.cfg:
+        if not src.cfg.same_weights_layout(self.model.cfg):
             raise ValueError(f"--init-from {source}: its model dimensions {src.cfg} differ from this run's")
         with torch.no_grad():   # every branch both have (an engine without R2L leaves R2L at its init)
             for name in ("encoder", "l2r", "r2l"):
@@ -316,7 +316,7 @@ class Trainer:
         t0 = time.time()
         teachers = load_teachers(self.cfg.teachers, self.device)
         for name, model in teachers:
-            if model.cfg != self.model.cfg:
+            if not model.cfg.same_weights_layout(self.model.cfg):
                 raise ValueError(f"--teachers {name}: its model dimensions {model.cfg} differ from this run's "
                                  f"(the soft targets need the same vocabulary and step layout, not the same size, "
                                  f"but a mismatch here is almost always a wrong path)")

@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
+# Fields that change training only, not a parameter's shape or the inference graph.
+TRAINING_ONLY_FIELDS = ("dropout",)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every dimension of an ABM model; stored in an engine directory's ``config.json``."""
@@ -50,6 +54,14 @@ class ModelConfig:
     def downsample(self) -> int:
         """Total stride of the encoder: stem conv, max-pool, then one avg-pool per transition."""
         return 2 ** (2 + self.num_blocks - 1)
+
+    def same_weights_layout(self, other: "ModelConfig") -> bool:
+        """True when ``other`` has the same parameter shapes: every field but the training-only ones
+        (dropout), so weights move between the two (warm starts, teachers, soups)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        for k in TRAINING_ONLY_FIELDS:
+            mine.pop(k), theirs.pop(k)
+        return mine == theirs
 
     def to_dict(self) -> dict:
         """Plain dict for JSON."""
