@@ -247,6 +247,42 @@ def test_trainer_with_ema_validates_both_and_saves_the_better(tmp_path):
         assert torch.equal(saved[n].detach().cpu(), v.cpu()), n
 
 
+def test_state_rebuilt_from_the_best_engine_resumes_the_schedule(tmp_path):
+    """When a run's state is lost but its best engine and log came back, ``--from-engine`` rebuilds a
+    weights-only state: the trainer resumes after the engine's epoch, at the logged step and training
+    seconds, from the engine's weights (every branch), and trains on."""
+    import subprocess
+    import sys
+
+    from abm_rt.engine_dir import load_engine
+
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(8, seed=1, max_h=100, max_w=240))
+    _write_split(data / "2014", _samples(3, seed=2, max_h=100, max_w=240))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, optimizer="adadelta", lr=1.0,
+                      max_batch=4, batch_pixels=200_000, val_every=1, val_beam=2, device="cpu", model=TINY,
+                      ema_decay=0.5)
+    Trainer(cfg).run()
+    engine = load_engine(tmp_path / "run" / "best_engine")
+    epoch = engine.config["provenance"]["epoch"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = {r["epoch"]: r for r in records if "ce_l2r" in r}
+    subprocess.run([sys.executable, "-m", "training.checkpoint", "--from-engine", str(tmp_path / "run" / "best_engine"),
+                    str(tmp_path / "run" / "log.jsonl"), str(tmp_path / "lost" / "state")], check=True,
+                   capture_output=True)
+    resumed = Trainer(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "lost"), "epochs": 3}))
+    assert resumed.meta["epoch"] == epoch and resumed.meta["step"] == logged[epoch]["step"]
+    assert resumed.meta["train_seconds"] == pytest.approx(sum(logged[e]["epoch_seconds"] for e in range(1, epoch + 1)))
+    got = resumed.model.state_dict()
+    for k, v in {**engine.model.state_dict()}.items():
+        assert torch.equal(got[k], v.to(got[k].dtype)), k
+    assert resumed.run()["epoch"] == 3
+    with pytest.raises(ValueError, match="lacks epochs"):
+        from training.checkpoint import state_from_engine
+        (tmp_path / "short.jsonl").write_text("")
+        state_from_engine(tmp_path / "run" / "best_engine", tmp_path / "short.jsonl", tmp_path / "bad")
+
+
 def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
     """save_state writes a tensor lr as a float; load_state restores weights and moments and keeps the
     loading optimizer's own lr object and flags (a CUDA-graph run's tensor lr must stay a tensor)."""

@@ -148,10 +148,62 @@ def export_weights(state_dir: str | Path, out_dir: str | Path, dtype: torch.dtyp
     return out
 
 
+def state_from_engine(engine_dir: str | Path, log_path: str | Path, out_dir: str | Path,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Rebuild a weights-only resumable state from a run's best engine and the run's ``log.jsonl``.
+
+    For a run whose state was lost (its device machine went back before the call that returns the state)
+    while its best engine came back. The trainer resumes after the engine's epoch with the schedule where
+    it was (epoch, step and training seconds, from the log); the optimizer moments start at zero, and the
+    weights are those the engine holds (the average, when its provenance says ``ema``)."""
+    from safetensors.torch import load_file
+
+    src, out = Path(engine_dir), Path(out_dir)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    prov = config.get("provenance") or {}
+    epoch, train_config = prov.get("epoch"), prov.get("train_config")
+    if not isinstance(epoch, int) or not isinstance(train_config, dict):
+        raise ValueError(f"{src}: its provenance names no training epoch and config: not a trainer's best engine")
+    files = config.get("files") or {}
+    if "r2l" not in files:
+        raise ValueError(f"{src} has no R2L branch: a resumed run needs every branch")
+    weights = load_file(str(src / files["weights"]))
+    weights.update(load_file(str(src / files["r2l"])))
+    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_epoch = {r["epoch"]: r for r in records if "ce_l2r" in r}     # the last line of an epoch wins
+    missing = [e for e in range(1, epoch + 1) if e not in by_epoch]
+    if missing:
+        raise ValueError(f"{log_path} lacks epochs {missing}: cannot tell the schedule's position at epoch {epoch}")
+    meta = {"epoch": epoch, "step": by_epoch[epoch]["step"], "best_epoch": epoch,
+            "best_exprate": float((prov.get("val_2014") or {}).get("exprate", -1.0)),
+            "best_weights": prov.get("weights"), "config": train_config, "rebuilt_from": str(src),
+            "train_seconds": float(sum(by_epoch[e]["epoch_seconds"] for e in range(1, epoch + 1)))}
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    cast = {f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+            for k, v in weights.items()}
+    rng = io.BytesIO()
+    torch.save({"cpu": torch.get_rng_state(), "cuda": []}, rng)
+    doc = {"meta": meta, "files": _write_shards(cast, out, "state"), "compact": True, "param_groups": [],
+           "scalars": {}, "rng": base64.b64encode(rng.getvalue()).decode()}
+    (out / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return out
+
+
+USAGE = """usage: python -m training.checkpoint STATE_DIR OUT_DIR [--fp16]
+         a weights-only copy of a state (<= 16 MiB shards)
+       python -m training.checkpoint --from-engine ENGINE_DIR LOG_JSONL OUT_DIR [--fp16]
+         a weights-only state rebuilt from a run's best engine and its log, to resume a run whose state was lost"""
+
 if __name__ == "__main__":
     import sys
 
-    args = [a for a in sys.argv[1:] if a != "--fp16"]
-    if len(args) != 2:
-        sys.exit("usage: python -m training.checkpoint STATE_DIR OUT_DIR [--fp16]   (weights only, <= 16 MiB shards)")
-    print(export_weights(args[0], args[1], torch.float16 if "--fp16" in sys.argv else None))
+    args = [a for a in sys.argv[1:] if a not in ("--fp16", "--from-engine")]
+    half = torch.float16 if "--fp16" in sys.argv else None
+    if "--from-engine" in sys.argv and len(args) == 3:
+        print(state_from_engine(args[0], args[1], args[2], half))
+    elif "--from-engine" not in sys.argv and len(args) == 2:
+        print(export_weights(args[0], args[1], half))
+    else:
+        sys.exit(USAGE)
