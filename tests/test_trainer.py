@@ -217,18 +217,22 @@ def test_weight_average_math_and_applied_restores():
         WeightAverage(list(lin.parameters()), decay=1.0)
 
 
+def _ema_run_config(tmp_path, epochs: int) -> TrainConfig:
+    """A tiny Adadelta run with an EMA and a validation decode every epoch, on 8 + 3 self-made images."""
+    data = tmp_path / "crohme"
+    _write_split(data / "train", _samples(8, seed=1, max_h=100, max_w=240))
+    _write_split(data / "2014", _samples(3, seed=2, max_h=100, max_w=240))
+    return TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=epochs, optimizer="adadelta", lr=1.0,
+                       max_batch=4, batch_pixels=200_000, val_every=1, val_beam=2, device="cpu", model=TINY,
+                       ema_decay=0.5)
+
+
 def test_trainer_with_ema_validates_both_and_saves_the_better(tmp_path):
     """With ema_decay the decode epochs log the average's figures next to the raw ones, best_engine holds
     the weights (raw or average) that the provenance names, and training itself keeps the raw weights."""
     from abm_rt.engine_dir import load_engine
 
-    data = tmp_path / "crohme"
-    _write_split(data / "train", _samples(8, seed=1, max_h=100, max_w=240))
-    _write_split(data / "2014", _samples(3, seed=2, max_h=100, max_w=240))
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, optimizer="adadelta", lr=1.0,
-                      max_batch=4, batch_pixels=200_000, val_every=1, val_beam=2, device="cpu", model=TINY,
-                      ema_decay=0.5)
-    trainer = Trainer(cfg)
+    trainer = Trainer(_ema_run_config(tmp_path, epochs=1))
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "ce_l2r" in r]
@@ -256,12 +260,7 @@ def test_state_rebuilt_from_the_best_engine_resumes_the_schedule(tmp_path):
 
     from abm_rt.engine_dir import load_engine
 
-    data = tmp_path / "crohme"
-    _write_split(data / "train", _samples(8, seed=1, max_h=100, max_w=240))
-    _write_split(data / "2014", _samples(3, seed=2, max_h=100, max_w=240))
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, optimizer="adadelta", lr=1.0,
-                      max_batch=4, batch_pixels=200_000, val_every=1, val_beam=2, device="cpu", model=TINY,
-                      ema_decay=0.5)
+    cfg = _ema_run_config(tmp_path, epochs=2)
     Trainer(cfg).run()
     engine = load_engine(tmp_path / "run" / "best_engine")
     epoch = engine.config["provenance"]["epoch"]
