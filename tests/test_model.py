@@ -34,7 +34,6 @@ def test_feature_dim_and_block_channels():
     assert cfg.downsample == 16
 
 
-
 def test_same_weights_layout_ignores_training_only_fields():
     """Dropout changes training, not a parameter's shape: configs that differ only there share weights;
     any dimension makes them differ, and so do the parameter shapes of the two models."""
@@ -44,6 +43,7 @@ def test_same_weights_layout_ignores_training_only_fields():
     small = {"growth": 8, "block_depth": 2, "hidden": 32, "embed": 32, "attn": 32}
     shapes = [{k: v.shape for k, v in ABM(ModelConfig(**small, dropout=p)).state_dict().items()} for p in (0.2, 0.5)]
     assert shapes[0] == shapes[1]
+
 
 # ---- spec 2.3 / 1.3: encoder output grid ---------------------------------------------------------
 

@@ -13,7 +13,7 @@ from abm_rt.data.buckets import geometric_grid
 from abm_rt.data.crohme import Sample
 from abm_rt.data.vocab import Vocab
 from abm_rt.model import ABM, ModelConfig, initialize
-from training.checkpoint import load_state, save_state
+from training.checkpoint import load_state, save_state, state_from_engine
 from training.packed import ShapeGrid, pack_fixed_shapes
 from training.trainer import TrainConfig, Trainer
 
@@ -273,12 +273,11 @@ def test_state_rebuilt_from_the_best_engine_resumes_the_schedule(tmp_path):
     assert resumed.meta["epoch"] == epoch and resumed.meta["step"] == logged[epoch]["step"]
     assert resumed.meta["train_seconds"] == pytest.approx(sum(logged[e]["epoch_seconds"] for e in range(1, epoch + 1)))
     got = resumed.model.state_dict()
-    for k, v in {**engine.model.state_dict()}.items():
+    for k, v in engine.model.state_dict().items():
         assert torch.equal(got[k], v.to(got[k].dtype)), k
     assert resumed.run()["epoch"] == 3
+    (tmp_path / "short.jsonl").write_text("")
     with pytest.raises(ValueError, match="lacks epochs"):
-        from training.checkpoint import state_from_engine
-        (tmp_path / "short.jsonl").write_text("")
         state_from_engine(tmp_path / "run" / "best_engine", tmp_path / "short.jsonl", tmp_path / "bad")
 
 

@@ -156,39 +156,29 @@ def state_from_engine(engine_dir: str | Path, log_path: str | Path, out_dir: str
     while its best engine came back. The trainer resumes after the engine's epoch with the schedule where
     it was (epoch, step and training seconds, from the log); the optimizer moments start at zero, and the
     weights are those the engine holds (the average, when its provenance says ``ema``)."""
-    from safetensors.torch import load_file
+    from abm_rt.engine_dir import load_engine
 
-    src, out = Path(engine_dir), Path(out_dir)
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    prov = config.get("provenance") or {}
+    from .plot import read_log
+
+    engine = load_engine(engine_dir)
+    prov = engine.config.get("provenance") or {}
     epoch, train_config = prov.get("epoch"), prov.get("train_config")
     if not isinstance(epoch, int) or not isinstance(train_config, dict):
-        raise ValueError(f"{src}: its provenance names no training epoch and config: not a trainer's best engine")
-    files = config.get("files") or {}
-    if "r2l" not in files:
-        raise ValueError(f"{src} has no R2L branch: a resumed run needs every branch")
-    weights = load_file(str(src / files["weights"]))
-    weights.update(load_file(str(src / files["r2l"])))
-    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_epoch = {r["epoch"]: r for r in records if "ce_l2r" in r}     # the last line of an epoch wins
+        raise ValueError(f"{engine.path}: its provenance names no training epoch and config: not a trainer's best engine")
+    if not engine.has_r2l:
+        raise ValueError(f"{engine.path} has no R2L branch: a resumed run needs every branch")
+    # training epochs only (not the final "done" line); the last line of an epoch wins
+    by_epoch = {r["epoch"]: r for r in read_log(log_path) if "epoch_seconds" in r}
     missing = [e for e in range(1, epoch + 1) if e not in by_epoch]
     if missing:
         raise ValueError(f"{log_path} lacks epochs {missing}: cannot tell the schedule's position at epoch {epoch}")
     meta = {"epoch": epoch, "step": by_epoch[epoch]["step"], "best_epoch": epoch,
             "best_exprate": float((prov.get("val_2014") or {}).get("exprate", -1.0)),
-            "best_weights": prov.get("weights"), "config": train_config, "rebuilt_from": str(src),
+            "best_weights": prov.get("weights"), "config": train_config, "rebuilt_from": str(engine.path),
             "train_seconds": float(sum(by_epoch[e]["epoch_seconds"] for e in range(1, epoch + 1)))}
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.safetensors"):
-        old.unlink()
-    cast = {f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-            for k, v in weights.items()}
-    rng = io.BytesIO()
-    torch.save({"cpu": torch.get_rng_state(), "cuda": []}, rng)
-    doc = {"meta": meta, "files": _write_shards(cast, out, "state"), "compact": True, "param_groups": [],
-           "scalars": {}, "rng": base64.b64encode(rng.getvalue()).decode()}
-    (out / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    return out
+    model = engine.model if dtype is None else engine.model.to(dtype)
+    return save_state(out_dir, model, torch.optim.Adadelta(model.parameters()), meta, compact=True,
+                      keep_moments=False)
 
 
 USAGE = """usage: python -m training.checkpoint STATE_DIR OUT_DIR [--fp16]
