@@ -3,6 +3,7 @@ graphs, the resumable state, and (GPU only) a graph-replayed training step again
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -317,18 +318,20 @@ def test_state_round_trip_keeps_optimizer_flags_and_tensor_lr(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("optimizer,pairing,streams,soft,smoothing", [
-    ("adamw", "aligned", False, False, 0.0), ("adadelta", "aligned", False, False, 0.0),
-    ("adadelta", "paper", False, False, 0.0), ("adadelta", "aligned", True, False, 0.0),
-    ("adadelta", "aligned", False, True, 0.0), ("adadelta", "aligned", False, False, 0.1)])
-def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, soft, smoothing):
+@pytest.mark.parametrize("optimizer,pairing,streams,soft,smoothing,paired", [
+    ("adamw", "aligned", False, False, 0.0, False), ("adadelta", "aligned", False, False, 0.0, False),
+    ("adadelta", "paper", False, False, 0.0, False), ("adadelta", "aligned", True, False, 0.0, False),
+    ("adadelta", "aligned", False, True, 0.0, False), ("adadelta", "aligned", False, False, 0.1, False),
+    ("adadelta", "aligned", False, False, 0.0, True)])
+def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, soft, smoothing, paired):
     """From the same weights and optimizer state, one replayed graph step and one eager step on a new batch
     of the captured shape give the same parameters (fp32, dropout 0), and the loss sums agree. Both KL
     pairings capture (the paper's one once used ``nonzero``, a host sync that broke the capture). With
     ``streams`` the graph runs the R2L branch on a second stream (--branch-streams) and the eager reference
     runs everything on one: the fork and join are captured without changing the step. With ``soft`` the
     batches carry teacher soft targets (--teachers): the graph reads each batch's own. ``smoothing``:
-    --label-smoothing in the captured CE."""
+    --label-smoothing in the captured CE. ``paired``: --paired-branches, both branches in one stacked pass, and
+    the eager reference runs them separately: the stacked pass captures and computes the same step."""
     from training.graphed import GraphedTrainStep
     from training.trainer import batch_loss
 
@@ -345,7 +348,9 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, s
             for name in ("l2r_soft", "r2l_soft"):
                 shape = (*b.l2r_in.shape, len(Vocab.default()))
                 setattr(b, name, torch.softmax(3 * torch.randn(shape, device=dev, generator=g), -1).to(torch.bfloat16))
-    cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.0}, pairing=pairing, label_smoothing=smoothing)
+    cfg = TrainConfig(precision="fp32", model={**TINY, "dropout": 0.0}, pairing=pairing, label_smoothing=smoothing,
+                      paired_branches=paired)
+    eager_cfg = TrainConfig(**{**asdict(cfg), "paired_branches": False})
     torch.manual_seed(0)
     model = ABM(ModelConfig(**cfg.model), bidirectional=True)
     initialize(model)
@@ -377,7 +382,7 @@ def test_graphed_step_equals_eager_step(tmp_path, optimizer, pairing, streams, s
     graphed_sums = step.sums.clone()
     restore()
     opt.zero_grad(set_to_none=False)
-    loss, parts = batch_loss(model, pair[1], cfg, "cuda")
+    loss, parts = batch_loss(model, pair[1], eager_cfg, "cuda")
     loss.backward()
     torch.nn.utils.clip_grad_norm_(step.params, 100.0, foreach=True)
     opt.step()

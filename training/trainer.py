@@ -33,6 +33,7 @@ from .checkpoint import has_state, load_state, save_state
 from .losses import distillation_kl, sequence_ce, soft_target_kl
 from .graphed import LOSS_PARTS, GraphedTrainStep, optimizer_step
 from .packed import PackedBatch, pack_fixed_shapes, pack_split
+from .paired import paired_teacher_forward
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -96,6 +97,9 @@ class TrainConfig:
                                 "second CUDA stream beside the L2R one, captured as parallel work in the CUDA "
                                 "graphs; CUDA only. On an H200 it gave no speed-up (23.55-23.79 s per epoch "
                                 "against 23.12-23.34 without: tests/logs/2026-12-03_branch_streams_h200)")
+    paired_branches: bool = _opt(False, "teacher-force the L2R and R2L branches in lock-step as one stacked "
+                                 "computation (training/paired.py): each decoder kernel serves both branches, "
+                                 "about half the kernels per step; not with --branch-streams or --compile-step")
     save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
     log_attention_sharpness: bool = _opt(True, "after each validation, log the mean peak attention weight of "
                                          "the first val batch (val_att_max) and the uniform baseline")
@@ -157,7 +161,8 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
 
     ``autocast_cache=False`` for CUDA-graph capture (autocast's cast-weight cache cannot be captured).
     ``kl_weight`` overrides ``cfg.kl_weight``; a tensor lets a captured graph follow a schedule.
-    ``side_stream`` (CUDA): the R2L branch runs there, beside the L2R one (``r2l_on_side_stream``)."""
+    ``side_stream`` (CUDA): the R2L branch runs there, beside the L2R one (``r2l_on_side_stream``).
+    ``cfg.paired_branches``: both branches in one stacked pass (``training.paired``)."""
     if model.training and augments(cfg):
         x, pmask = random_affine(b.images.float().div_(255.0), b.heights, b.widths, (cfg.scale_min, cfg.scale_max),
                                  cfg.aspect_max, cfg.rotate_deg, cfg.shear_max)
@@ -168,15 +173,20 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
     opts = {"attention_fp32": cfg.attention_fp32, "compile_step": cfg.compile_step}
     with amp:
         feats, fmask = model.encode(x, pmask)
-        zl, _ = model.l2r.teacher_forward(feats, fmask, b.l2r_in, **opts)
+        paired = cfg.paired_branches and model.r2l is not None
+        if paired:
+            zl, zr = paired_teacher_forward(model.l2r, model.r2l, feats, fmask, b.l2r_in, b.r2l_in,
+                                            cfg.attention_fp32)
+        else:
+            zl, _ = model.l2r.teacher_forward(feats, fmask, b.l2r_in, **opts)
         ce_l = sequence_ce(zl, b.l2r_tgt, b.lengths, cfg.label_smoothing)
         kd = _teacher_kl(zl, b.l2r_soft, b, cfg)
         if model.r2l is None:
             zero = ce_l.new_zeros(())
             return ce_l + _teacher_scale(cfg) * kd, torch.stack([ce_l.detach(), zero, zero, kd.detach()])
-        if side_stream is None:
+        if not paired and side_stream is None:
             zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
-        else:
+        elif not paired:
             zr = r2l_on_side_stream(model, feats, fmask, b, opts, side_stream)
     ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths, cfg.label_smoothing)
     kl = distillation_kl(zl, zr, b.lengths, cfg.pairing)
@@ -255,6 +265,10 @@ class Trainer:
         self.model.to(self.device)
         self.kl_scale = torch.tensor(cfg.kl_weight, device=self.device)   # filled per step (KL warm-up)
         self.graphed_wanted = cfg.cuda_graphs and self.device.type == "cuda"
+        if cfg.paired_branches and (cfg.branch_streams or cfg.compile_step):
+            raise ValueError("--paired-branches computes both branches in one stacked pass: it cannot also put "
+                             "R2L on a second stream (--branch-streams) or compile one branch's step "
+                             "(--compile-step); choose one")
         if cfg.branch_streams and self.device.type != "cuda":
             raise ValueError(f"--branch-streams runs the R2L branch on a second CUDA stream: it needs a CUDA "
                              f"device, not {self.device}")

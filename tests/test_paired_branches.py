@@ -1,0 +1,121 @@
+"""--paired-branches (training/paired.py): both decoders teacher-forced in one stacked pass give the losses and
+the gradients of the two separate branch passes, on the CPU here (the GPU capture is checked in
+tests/test_trainer.py's graphed-step test)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from abm_rt.data.crohme import Sample
+from abm_rt.data.vocab import Vocab
+from abm_rt.model import ABM, ModelConfig, initialize
+from training.packed import pack_fixed_shapes
+from training.paired import paired_teacher_forward
+from training.trainer import TrainConfig, Trainer, batch_loss
+
+TINY = {"growth": 8, "block_depth": 2, "hidden": 32, "embed": 32, "attn": 48, "dropout": 0.0}
+
+
+def _samples(n: int, seed: int) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    vocab = Vocab.default()
+    out = []
+    for i in range(n):
+        h, w = int(rng.integers(20, 120)), int(rng.integers(20, 360))
+        image = ((rng.random((h, w)) > 0.85) * 255).astype(np.uint8)
+        tokens = [vocab.tokens[int(t)] for t in rng.integers(2, len(vocab) - 1, int(rng.integers(1, 30)))]
+        out.append(Sample(f"s{i}", image, tokens))
+    return out
+
+
+def _model(seed: int) -> ABM:
+    torch.manual_seed(seed)
+    model = ABM(ModelConfig(**TINY), bidirectional=True)
+    initialize(model)
+    with torch.no_grad():       # Kaiming-scale energies saturate the softmax; soften them, as in the runs' early steps
+        for branch in (model.l2r, model.r2l):
+            branch.attention.v.weight.mul_(0.1)
+    return model.train()
+
+
+def _loss_and_grads(model: ABM, b, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss, parts = batch_loss(model, b, cfg, "cpu")
+    loss.backward()
+    return parts.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _batches(seed: int, count: int):
+    batches = pack_fixed_shapes(_samples(40, seed), Vocab.default(), torch.device("cpu"), max_batch=6,
+                                max_batch_pixels=150_000)
+    shapes, picked = set(), []
+    for b in batches:                  # batches of different shapes (B, H, W, T)
+        key = (tuple(b.images.shape), b.l2r_in.shape[1])
+        if key not in shapes:
+            shapes.add(key)
+            picked.append(b)
+    assert len(picked) >= count
+    return picked[:count]
+
+
+@pytest.mark.parametrize("attention_fp32,pairing", [(False, "aligned"), (True, "paper")])
+def test_paired_pass_equals_two_branch_passes_fp32(attention_fp32, pairing):
+    """fp32, dropout 0, fresh random weights and batches of three shapes: the loss parts and every parameter's
+    gradient (encoder, both branches) agree with the separate passes to float rounding."""
+    model = _model(seed=3)
+    for b in _batches(seed=5, count=3):
+        got = {}
+        for paired in (False, True):
+            cfg = TrainConfig(precision="fp32", model=TINY, attention_fp32=attention_fp32, pairing=pairing,
+                              paired_branches=paired)
+            got[paired] = _loss_and_grads(model, b, cfg)
+        (p0, g0), (p1, g1) = got[False], got[True]
+        assert torch.isfinite(p1).all() and (p1[:3] > 0).all(), p1
+        assert torch.allclose(p0, p1, rtol=1e-5, atol=1e-7), (p0, p1)
+        assert g0.keys() == g1.keys() and any(n.startswith("r2l.") for n in g1)
+        for n in g0:
+            scale = g0[n].abs().max().clamp(min=1e-12)
+            assert float((g0[n] - g1[n]).abs().max() / scale) < 1e-4, n
+
+
+def test_paired_pass_under_bf16_autocast_tracks_fp32():
+    """bf16 autocast with fp32 attention (the GPU recipe, run by the CPU's autocast): the paired pass's losses
+    are those of the separate passes within bf16 rounding, and its gradients point the same way."""
+    model = _model(seed=7)
+    b = _batches(seed=9, count=1)[0]
+    got = {}
+    for paired in (False, True):
+        cfg = TrainConfig(precision="bf16", model=TINY, attention_fp32=True, paired_branches=paired)
+        got[paired] = _loss_and_grads(model, b, cfg)
+    (p0, g0), (p1, g1) = got[False], got[True]
+    assert torch.allclose(p0, p1, rtol=2e-2, atol=1e-3), (p0, p1)
+    flat0 = torch.cat([g0[n].flatten().float() for n in g0])
+    flat1 = torch.cat([g1[n].flatten().float() for n in g0])
+    assert float(torch.nn.functional.cosine_similarity(flat0, flat1, 0)) > 0.99
+
+
+def test_paired_logits_equal_each_branch_teacher_forward():
+    """The function itself, outside the loss: each branch's logits are its own teacher_forward's (eval mode)."""
+    model = _model(seed=11).eval()
+    b = _batches(seed=13, count=1)[0]
+    x, pmask = b.inputs()
+    with torch.no_grad():
+        feats, fmask = model.encode(x, pmask)
+        zl, zr = paired_teacher_forward(model.l2r, model.r2l, feats, fmask, b.l2r_in, b.r2l_in)
+        ref_l, _ = model.l2r.teacher_forward(feats, fmask, b.l2r_in)
+        ref_r, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in)
+    assert zl.shape == ref_l.shape and zr.shape == ref_r.shape
+    torch.testing.assert_close(zl, ref_l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zr, ref_r, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        paired_teacher_forward(model.l2r, model.r2l, feats, fmask, b.l2r_in, b.r2l_in[:, :-1])
+
+
+@pytest.mark.parametrize("other", ["branch_streams", "compile_step"])
+def test_paired_branches_refuses_the_other_branch_options(tmp_path, other):
+    """--paired-branches with --branch-streams or --compile-step is refused with the reason, before data loads."""
+    cfg = TrainConfig(data=str(tmp_path / "absent"), out=str(tmp_path / "run"), device="cpu", model=TINY,
+                      paired_branches=True, **{other: True})
+    with pytest.raises(ValueError, match="choose one"):
+        Trainer(cfg)
