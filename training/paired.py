@@ -3,13 +3,15 @@
 Why: at the paper's batch size (<= 16 images) a training step is a long chain of small kernels, and
 the two branches' chains are the same shapes: the L2R and R2L inputs of a batch have the same T steps and
 read the same features. Stacking the two branches' weights on a leading axis of 2 runs each decoder
-operation for both branches in one kernel (a batched matmul, a grouped convolution), so the decoder's
-kernel count per time step, forward and backward, is about halved. ``--branch-streams`` ran the two
+operation for both branches in one kernel (a batched matmul, a grouped convolution) instead of two.
+Whether that is faster on a GPU is not measured yet (benchmarks/bench_branch_modes.py measures it); on a
+CPU it is (benchmarks/results/train_branch_modes_cpu_2026-12-04.json). ``--branch-streams`` ran the two
 chains side by side on two streams instead; at batches of 24 images that gave nothing
 (tests/logs/2026-12-03_branch_streams_h200).
 
-The math is ``DecoderBranch.teacher_forward``'s, run for two parameter sets at once; the GRU cells are its
-own (shape-agnostic) ``_gru1`` / ``_gru2``. Gradients reach each branch's own parameters through the
+The math is ``DecoderBranch.teacher_forward``'s, run for two parameter sets at once; the GRU cells, the
+masked mean of h_0 and the maxout are its own (shape-agnostic) ``_gru1`` / ``_gru2``, ``valid_mean`` and
+``maxout_dropout``. Gradients reach each branch's own parameters through the
 stacking, so the model, its state dict and the optimizer are unchanged. Layouts: per-branch vectors are
 ``[2, B, ...]`` (branch first, for ``bmm``); the attention maps are ``[B, 2, ...]`` (image first, so the
 coverage convolution is one grouped conv and the context one batched matmul over images).
@@ -101,10 +103,8 @@ def paired_teacher_forward(l2r: DecoderBranch, r2l: DecoderBranch, features: tor
         att = _prepare(l2r, r2l, features, mask)
 
     # h_0 = tanh(W_init mean_valid(F)) for both branches: one mean, one matmul on the concatenated rows.
-    m = att.mask.to(features.dtype)
-    mean = (features * m).sum((2, 3)) / m.sum((2, 3))
-    h = torch.tanh(F.linear(mean, torch.cat([l2r.W_init.weight, r2l.W_init.weight]),
-                            torch.cat([l2r.W_init.bias, r2l.W_init.bias])))
+    w_init = torch.cat([l2r.W_init.weight, r2l.W_init.weight]), torch.cat([l2r.W_init.bias, r2l.W_init.bias])
+    h = torch.tanh(F.linear(DecoderBranch.valid_mean(features, mask), *w_init))
     h = h.view(B, BRANCHES, -1).transpose(0, 1)                                    # [2, B, n]
 
     # One lookup in the two stacked tables (index_select: a capturable backward, see teacher_forward).
@@ -136,7 +136,5 @@ def paired_teacher_forward(l2r: DecoderBranch, r2l: DecoderBranch, features: tor
         return _linear_nd(x, _stacked_t(a, b), torch.stack([a.bias, b.bias]))
 
     o = out_map(torch.stack(contexts, 2), "W_oc") + out_map(torch.stack(hiddens, 2), "W_oh") + out_map(emb, "W_oy")
-    o = o.unflatten(-1, (-1, 2)).amax(-1)
-    o = F.dropout(o, l2r.cfg.dropout, l2r.training)
-    logits = out_map(o, "W_o")                                                     # [2, B, T, K]
+    logits = out_map(l2r.maxout_dropout(o), "W_o")                                 # [2, B, T, K]
     return logits[0], logits[1]

@@ -98,8 +98,10 @@ class TrainConfig:
                                 "graphs; CUDA only. On an H200 it gave no speed-up (23.55-23.79 s per epoch "
                                 "against 23.12-23.34 without: tests/logs/2026-12-03_branch_streams_h200)")
     paired_branches: bool = _opt(False, "teacher-force the L2R and R2L branches in lock-step as one stacked "
-                                 "computation (training/paired.py): each decoder kernel serves both branches, "
-                                 "about half the kernels per step; not with --branch-streams or --compile-step")
+                                 "computation (training/paired.py): each decoder kernel serves both branches; "
+                                 "1.14x a step on a CPU (benchmarks/results/train_branch_modes_cpu_2026-12-04.json), "
+                                 "unmeasured on a GPU (benchmarks/bench_branch_modes.py); "
+                                 "not with --branch-streams or --compile-step")
     save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
     log_attention_sharpness: bool = _opt(True, "after each validation, log the mean peak attention weight of "
                                          "the first val batch (val_att_max) and the uniform baseline")
@@ -184,10 +186,9 @@ def batch_loss(model: ABM, b: PackedBatch, cfg: TrainConfig, device_type: str, a
         if model.r2l is None:
             zero = ce_l.new_zeros(())
             return ce_l + _teacher_scale(cfg) * kd, torch.stack([ce_l.detach(), zero, zero, kd.detach()])
-        if not paired and side_stream is None:
-            zr, _ = model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)
-        elif not paired:
-            zr = r2l_on_side_stream(model, feats, fmask, b, opts, side_stream)
+        if not paired:      # after the L2R loss, so that it overlaps a side stream's R2L work
+            zr = (model.r2l.teacher_forward(feats, fmask, b.r2l_in, **opts)[0] if side_stream is None
+                  else r2l_on_side_stream(model, feats, fmask, b, opts, side_stream))
     ce_r = sequence_ce(zr, b.r2l_tgt, b.lengths, cfg.label_smoothing)
     kl = distillation_kl(zl, zr, b.lengths, cfg.pairing)
     kd = kd + _teacher_kl(zr, b.r2l_soft, b, cfg)

@@ -111,11 +111,15 @@ class DecoderBranch(nn.Module):
         self.W_o = nn.Linear(m // 2, K)
 
     # ---- per image ------------------------------------------------------------------------------
+    @staticmethod
+    def valid_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """mean_valid(F): features [N, D, H, W] averaged over the valid cells of mask [N, H, W] -> [N, D]."""
+        m = mask.to(features.dtype).unsqueeze(1)
+        return (features * m).sum((2, 3)) / m.sum((2, 3))
+
     def initial_state(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h_0 = tanh(W_init mean_valid(F)) (spec 3.2). features [N, D, H, W], mask [N, H, W] -> [N, n]."""
-        m = mask.to(features.dtype).unsqueeze(1)
-        mean = (features * m).sum((2, 3)) / m.sum((2, 3))
-        return torch.tanh(self.W_init(mean))
+        return torch.tanh(self.W_init(self.valid_mean(features, mask)))
 
     def prepare(self, features: torch.Tensor, mask: torch.Tensor) -> FeatureCache:
         """Everything a step needs that does not depend on t: ``U_a F + b_a`` and the folded kernel."""
@@ -158,10 +162,11 @@ class DecoderBranch(nn.Module):
 
     def output_logits(self, context: torch.Tensor, hidden: torch.Tensor, oy: torch.Tensor) -> torch.Tensor:
         """Deep output: W_oc c + W_oh h + W_oy e, pairwise maxout, dropout, W_o. Any leading shape."""
-        o = self.W_oc(context) + self.W_oh(hidden) + oy
-        o = o.unflatten(-1, (-1, 2)).amax(-1)
-        o = F.dropout(o, self.cfg.dropout, self.training)
-        return self.W_o(o)
+        return self.W_o(self.maxout_dropout(self.W_oc(context) + self.W_oh(hidden) + oy))
+
+    def maxout_dropout(self, o: torch.Tensor) -> torch.Tensor:
+        """Pairwise maxout of adjacent units over the last axis (halving it), then dropout when training."""
+        return F.dropout(o.unflatten(-1, (-1, 2)).amax(-1), self.cfg.dropout, self.training)
 
     # ---- one step (runtime form) ----------------------------------------------------------------
     def step(self, cache: FeatureCache, prev_token: torch.Tensor, hidden: torch.Tensor,
