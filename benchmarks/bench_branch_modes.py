@@ -47,8 +47,21 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _top(names_ms: list[tuple[str, float]], n: int = 8) -> list[dict]:
+    """The ``n`` names with the most summed time: where a mode's time goes. (On an H100 the paired mode's kernels
+    were a third fewer than the separate mode's but took 4.3x their time: train_branch_modes_h100_2026-12-06.json.)"""
+    total: dict[str, list[float]] = {}
+    for name, ms in names_ms:
+        t = total.setdefault(name[:100], [0.0, 0])
+        t[0] += ms
+        t[1] += 1
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"name": k, "ms": round(v[0], 3), "count": v[1]} for k, v in ranked]
+
+
 def profile_one_step(step, dev: torch.device) -> dict:
-    """Kernels (CUDA) or operators (CPU) of one eager step, and their summed self time in ms."""
+    """Kernels (CUDA) or operators (CPU) of one eager step, their summed self time in ms, and the names that
+    take the most of it."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -58,13 +71,14 @@ def profile_one_step(step, dev: torch.device) -> dict:
     events = prof.events()
     if dev.type == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels)
-        return {"kernels": len(kernels), "kernel_ms": round(us / 1000, 2)}
+        times = [(e.name, (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)) / 1000) for e in kernels]
+        return {"kernels": len(kernels), "kernel_ms": round(sum(ms for _, ms in times), 2), "top_kernels": _top(times)}
     # CPU: the leaf operators (no aten:: operator below them) that compute, i.e. what a GPU would run as
     # kernels; views, allocations and other metadata-only operators are left out
     leaves = [e for e in events if e.name.startswith("aten::") and e.name not in METADATA_OPS
               and not any(c.name.startswith("aten::") for c in e.cpu_children)]
-    return {"operators": len(leaves), "operator_ms": round(sum(e.self_cpu_time_total for e in leaves) / 1000, 2)}
+    times = [(e.name, e.self_cpu_time_total / 1000) for e in leaves]
+    return {"operators": len(leaves), "operator_ms": round(sum(ms for _, ms in times), 2), "top_operators": _top(times)}
 
 
 def run_mode(name: str, args: argparse.Namespace, out_dir: Path) -> dict:

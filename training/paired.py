@@ -4,10 +4,14 @@ Why: at the paper's batch size (<= 16 images) a training step is a long chain of
 the two branches' chains are the same shapes: the L2R and R2L inputs of a batch have the same T steps and
 read the same features. Stacking the two branches' weights on a leading axis of 2 runs each decoder
 operation for both branches in one kernel (a batched matmul, a grouped convolution) instead of two.
-Whether that is faster on a GPU is not measured yet (benchmarks/bench_branch_modes.py measures it); on a
-CPU it is (benchmarks/results/train_branch_modes_cpu_2026-12-04.json). ``--branch-streams`` ran the two
-chains side by side on two streams instead; at batches of 24 images that gave nothing
-(tests/logs/2026-12-03_branch_streams_h200).
+On a CPU that is 1.14x faster a step (benchmarks/results/train_branch_modes_cpu_2026-12-04.json). On an H100
+it is 4.5x slower (39 against 177 ms a step, CUDA graphs, abm-paper's batches:
+benchmarks/results/train_branch_modes_h100_2026-12-06.json): the profiled step has a third fewer kernels
+but 4.3x their time, so some stacked operation runs on a slow kernel. Which one is not known yet; the
+benchmark now lists each mode's costliest kernels. The grouped fp32 convolution with one input channel
+per group (and its backward) is the first suspect. ``--branch-streams`` ran the two chains side by side on
+two streams instead; that gave nothing either (0.98x on the same H100 measurement; at batches of 24 on an
+H200, tests/logs/2026-12-03_branch_streams_h200).
 
 The math is ``DecoderBranch.teacher_forward``'s, run for two parameter sets at once; the GRU cells, the
 masked mean of h_0 and the maxout are its own (shape-agnostic) ``_gru1`` / ``_gru2``, ``valid_mean`` and

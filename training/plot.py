@@ -41,7 +41,7 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], records: l
         y = y1 - (y1 - y0) * frac
         draw.text((x0 - 46, y - 6), f"{v:.3g}", fill=(0, 0, 0))
     draw.text((x1 - 60, y1 + 4), f"epoch {emax}", fill=(0, 0, 0))
-    for j, (k, color) in enumerate(series):
+    for j, (k, color) in enumerate(s for s in series if pts[s[0]]):      # runs without EMA: no ema_ label
         p = [(x0 + (x1 - x0) * e / max(1, emax), y1 - (y1 - y0) * (v - lo) / (hi - lo)) for e, v in pts[k]]
         if len(p) > 1:
             draw.line(p, fill=color, width=2)
@@ -51,14 +51,16 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], records: l
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``curves.png`` (losses; validation ExpRate, <=1, <=2) for ``run_dir/log.jsonl``."""
+    """Write ``curves.png`` for ``run_dir/log.jsonl``: losses; validation ExpRate, <=1, <=2, and the EMA
+    weights' ExpRate in runs that validate an EMA."""
     run_dir = Path(run_dir)
     records = read_log(run_dir / "log.jsonl")
     img = Image.new("RGB", (900, 560), (255, 255, 255))
     d = ImageDraw.Draw(img)
     _panel(d, (60, 30, 880, 260), records, SERIES, "losses")
     _panel(d, (60, 310, 880, 530), records, [("val_exprate", (214, 39, 40)), ("val_le1", (140, 86, 75)),
-                                             ("val_le2", (127, 127, 127))], "CROHME 2014 (validation), %")
+                                             ("val_le2", (127, 127, 127)), ("ema_val_exprate", (23, 190, 207))],
+           "CROHME 2014 (validation), %")
     out = Path(out) if out else run_dir / "curves.png"
     img.save(out)
     return out

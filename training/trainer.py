@@ -95,12 +95,15 @@ class TrainConfig:
                              "fixed-shape batches train eagerly. The fast path on a GPU")
     branch_streams: bool = _opt(False, "run the R2L branch (forward and, through autograd, backward) on a "
                                 "second CUDA stream beside the L2R one, captured as parallel work in the CUDA "
-                                "graphs; CUDA only. On an H200 it gave no speed-up (23.55-23.79 s per epoch "
-                                "against 23.12-23.34 without: tests/logs/2026-12-03_branch_streams_h200)")
+                                "graphs; CUDA only. No speed-up measured: on an H200 at batches of 24, 23.55-23.79 s "
+                                "per epoch against 23.12-23.34 without (tests/logs/2026-12-03_branch_streams_h200); "
+                                "on an H100 at batches of 16, 0.98x a step "
+                                "(benchmarks/results/train_branch_modes_h100_2026-12-06.json)")
     paired_branches: bool = _opt(False, "teacher-force the L2R and R2L branches in lock-step as one stacked "
                                  "computation (training/paired.py): each decoder kernel serves both branches; "
-                                 "1.14x a step on a CPU (benchmarks/results/train_branch_modes_cpu_2026-12-04.json), "
-                                 "unmeasured on a GPU (benchmarks/bench_branch_modes.py); "
+                                 "1.14x a step on a CPU (benchmarks/results/train_branch_modes_cpu_2026-12-04.json) "
+                                 "but 0.22x on an H100, whose kernel time it raises 4.3x "
+                                 "(train_branch_modes_h100_2026-12-06.json): leave it off on a GPU; "
                                  "not with --branch-streams or --compile-step")
     save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
     log_attention_sharpness: bool = _opt(True, "after each validation, log the mean peak attention weight of "
