@@ -1,6 +1,6 @@
 """--paired-branches (training/paired.py): both decoders teacher-forced in one stacked pass give the losses and
 the gradients of the two separate branch passes, on the CPU here (the GPU capture is checked in
-tests/test_trainer.py's graphed-step test)."""
+tests/test_trainer.py's graphed-step test, the GPU kernels it runs here)."""
 from __future__ import annotations
 
 import json
@@ -38,8 +38,8 @@ def _loss_and_grads(model: ABM, b, cfg: TrainConfig) -> tuple[torch.Tensor, dict
     return parts.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _batches(seed: int, count: int):
-    batches = pack_fixed_shapes(_samples(40, seed, max_h=120, max_w=360), Vocab.default(), torch.device("cpu"),
+def _batches(seed: int, count: int, device: str = "cpu"):
+    batches = pack_fixed_shapes(_samples(40, seed, max_h=120, max_w=360), Vocab.default(), torch.device(device),
                                 max_batch=6, max_batch_pixels=150_000)
     shapes, picked = set(), []
     for b in batches:                  # batches of different shapes (B, H, W, T)
@@ -102,6 +102,27 @@ def test_paired_logits_equal_each_branch_teacher_forward():
     torch.testing.assert_close(zr, ref_r, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="same shape"):
         paired_teacher_forward(model.l2r, model.r2l, feats, fmask, b.l2r_in, b.r2l_in[:, :-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="which kernels a convolution runs on is a CUDA question")
+@pytest.mark.parametrize("attention_fp32", [True, False])
+def test_paired_pass_runs_no_depthwise_kernel_on_cuda(attention_fp32):
+    """The paired pass (forward and backward, bf16 autocast) launches none of PyTorch's CudaDepthwise2d kernels:
+    its first version's grouped coverage conv did, and ran 4.5x slower a step than the separate branches on an
+    H100 (training/paired.py's docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _model(seed=13).cuda()
+    b = _batches(seed=15, count=1, device="cuda")[0]
+    cfg = TrainConfig(precision="bf16", model=TINY, attention_fp32=attention_fp32, paired_branches=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss, _ = batch_loss(model, b, cfg, "cuda")
+        loss.backward()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels, "the profiler saw no CUDA kernel"
+    depthwise = sorted({k for k in kernels if "depthwise" in k.lower()})
+    assert not depthwise, depthwise
 
 
 @pytest.mark.parametrize("other", ["branch_streams", "compile_step"])

@@ -3,22 +3,24 @@
 Why: at the paper's batch size (<= 16 images) a training step is a long chain of small kernels, and
 the two branches' chains are the same shapes: the L2R and R2L inputs of a batch have the same T steps and
 read the same features. Stacking the two branches' weights on a leading axis of 2 runs each decoder
-operation for both branches in one kernel (a batched matmul, a grouped convolution) instead of two.
+operation for both branches in one kernel (a batched matmul, one convolution) instead of two.
 On a CPU that is 1.14x faster a step (benchmarks/results/train_branch_modes_cpu_2026-12-04.json). On an H100
-it is 4.5x slower (39 against 177 ms a step, CUDA graphs, abm-paper's batches:
-benchmarks/results/train_branch_modes_h100_2026-12-06.json): the profiled step has a third fewer kernels
-but 4.3x their time, so some stacked operation runs on a slow kernel. Which one is not known yet; the
-benchmark now lists each mode's costliest kernels. The grouped fp32 convolution with one input channel
-per group (and its backward) is the first suspect. ``--branch-streams`` ran the two chains side by side on
-two streams instead; that gave nothing either (0.98x on the same H100 measurement; at batches of 24 on an
-H200, tests/logs/2026-12-03_branch_streams_h200).
+the first version was 4.5x slower (39 against 177 ms a step, CUDA graphs, abm-paper's batches:
+benchmarks/results/train_branch_modes_h100_2026-12-06.json): a third fewer kernels, 4.3x their time. It ran
+the coverage convolution as a grouped conv of one input channel per group (groups = 2), which PyTorch
+treats as depthwise: in fp32 or bf16 it dispatches that to its own CudaDepthwise2d kernels, not to cuDNN,
+and their input gradient runs all 512 x 121 weights of a channel through one thread per input cell. The
+convolution is now dense (``_block_diagonal``), on cuDNN's ordinary path like the separate branches' conv;
+its GPU speed is not measured yet. ``--branch-streams`` ran the two chains side by side on two streams
+instead; that gave nothing (0.98x on the same H100 measurement; at batches of 24 on an H200,
+tests/logs/2026-12-03_branch_streams_h200).
 
 The math is ``DecoderBranch.teacher_forward``'s, run for two parameter sets at once; the GRU cells, the
 masked mean of h_0 and the maxout are its own (shape-agnostic) ``_gru1`` / ``_gru2``, ``valid_mean`` and
 ``maxout_dropout``. Gradients reach each branch's own parameters through the
 stacking, so the model, its state dict and the optimizer are unchanged. Layouts: per-branch vectors are
 ``[2, B, ...]`` (branch first, for ``bmm``); the attention maps are ``[B, 2, ...]`` (image first, so the
-coverage convolution is one grouped conv and the context one batched matmul over images).
+coverage convolution is one conv and the context one batched matmul over images).
 """
 from __future__ import annotations
 
@@ -56,10 +58,21 @@ class PairedAttention:
     features: torch.Tensor     # F, shared           [B, D, H', W']
     mask: torch.Tensor         # valid cells         [B, 1, H', W'] bool
     ua_f: torch.Tensor         # U_a F + b_a         [B, 2, d, H', W']
-    cov_weight: torch.Tensor   # folded kernels      [2d, 1, k, k] (groups = 2)
+    cov_weight: torch.Tensor   # folded kernels      [2d, 2, k, k] (block-diagonal)
     cov_bias: torch.Tensor     #                     [2d]
     wa_t: torch.Tensor         # W_a                 [2, n, d]
     v: torch.Tensor            # v                   [2, d]
+
+
+def _block_diagonal(l2r_kernel: torch.Tensor, r2l_kernel: torch.Tensor) -> torch.Tensor:
+    """The branches' folded coverage kernels [d, 1, k, k] as one dense kernel [2d, 2, k, k] with zero cross
+    blocks: output channels [0, d) read input channel 0 (L2R's coverage), [d, 2d) channel 1 (R2L's).
+
+    Why not ``groups=2`` on the [d, 1, k, k] kernels: a grouped conv with one input channel per group is
+    depthwise to PyTorch, which runs it in fp32 or bf16 on its own slow CudaDepthwise2d kernels (module
+    docstring). The dense conv costs twice the multiply-adds (2 x 121 per output, few) on cuDNN."""
+    zero = torch.zeros_like(l2r_kernel)
+    return torch.cat([torch.cat([l2r_kernel, zero], 1), torch.cat([zero, r2l_kernel], 1)])
 
 
 def _prepare(l2r: DecoderBranch, r2l: DecoderBranch, features: torch.Tensor, mask: torch.Tensor) -> PairedAttention:
@@ -69,7 +82,7 @@ def _prepare(l2r: DecoderBranch, r2l: DecoderBranch, features: torch.Tensor, mas
     d = a.U_a.out_channels
     ua_f = F.conv2d(features, torch.cat([a.U_a.weight, b.U_a.weight]), torch.cat([a.U_a.bias, b.U_a.bias]))
     (wl, bl), (wr, br) = a.folded_coverage(), b.folded_coverage()
-    return PairedAttention(features, mask.bool()[:, None], ua_f.view(B, BRANCHES, d, H, W), torch.cat([wl, wr]),
+    return PairedAttention(features, mask.bool()[:, None], ua_f.view(B, BRANCHES, d, H, W), _block_diagonal(wl, wr),
                            torch.cat([bl, br]), _stacked_t(a.W_a, b.W_a), torch.cat([a.v.weight, b.v.weight]))
 
 
@@ -77,8 +90,8 @@ def _attend(att: PairedAttention, h_hat: torch.Tensor, coverage: torch.Tensor) -
     """``DecoderBranch.attend`` for both branches. h_hat [2, B, n], coverage [B, 2, H', W'].
     Returns (alpha [B, 2, H', W'], context [2, B, D])."""
     B, _, H, W = coverage.shape
-    cov = F.conv2d(coverage, att.cov_weight, att.cov_bias, padding=att.cov_weight.shape[-1] // 2,
-                   groups=BRANCHES).view(att.ua_f.shape)                           # [B, 2, d, H, W]
+    cov = F.conv2d(coverage, att.cov_weight, att.cov_bias,
+                   padding=att.cov_weight.shape[-1] // 2).view(att.ua_f.shape)     # [B, 2, d, H, W]
     wa = torch.bmm(h_hat, att.wa_t).transpose(0, 1)                               # [B, 2, d]
     s = att.ua_f + cov + wa[..., None, None]
     energy = torch.einsum("bgdhw,gd->bghw", torch.tanh(s), att.v)                  # b_v cancels
