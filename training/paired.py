@@ -4,15 +4,16 @@ Why: at the paper's batch size (<= 16 images) a training step is a long chain of
 the two branches' chains are the same shapes: the L2R and R2L inputs of a batch have the same T steps and
 read the same features. Stacking the two branches' weights on a leading axis of 2 runs each decoder
 operation for both branches in one kernel (a batched matmul, one convolution) instead of two.
-On a CPU that is 1.14x faster a step (benchmarks/results/train_branch_modes_cpu_2026-12-04.json). On an H100
-the first version was 4.5x slower (39 against 177 ms a step, CUDA graphs, abm-paper's batches:
+On a CPU the first version was 1.14x faster a step (benchmarks/results/train_branch_modes_cpu_2026-12-04.json);
+on an H100 it was 4.5x slower (39 against 177 ms a step, CUDA graphs, abm-paper's batches:
 benchmarks/results/train_branch_modes_h100_2026-12-06.json): a third fewer kernels, 4.3x their time. It ran
 the coverage convolution as a grouped conv of one input channel per group (groups = 2), which PyTorch
 treats as depthwise: in fp32 or bf16 it dispatches that to its own CudaDepthwise2d kernels, not to cuDNN,
-and their input gradient runs all 512 x 121 weights of a channel through one thread per input cell. The
-convolution is now dense (``_block_diagonal``), on cuDNN's ordinary path like the separate branches' conv;
-its GPU speed is not measured yet. ``--branch-streams`` ran the two chains side by side on two streams
-instead; that gave nothing (0.98x on the same H100 measurement; at batches of 24 on an H200,
+and their input gradient runs all 512 x 121 weights of a channel through one thread per input cell: the
+likely cause, read from PyTorch's dispatch and kernel source, not profiled. The convolution is now dense
+(``_block_diagonal``), on cuDNN's ordinary path like the separate branches' conv; its GPU speed is not
+measured yet. ``--branch-streams`` ran the two chains side by side on two streams instead; that gave
+nothing (0.98x on the same H100 measurement; at batches of 24 on an H200,
 tests/logs/2026-12-03_branch_streams_h200).
 
 The math is ``DecoderBranch.teacher_forward``'s, run for two parameter sets at once; the GRU cells, the
