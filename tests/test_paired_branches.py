@@ -155,11 +155,12 @@ def test_trainer_with_paired_branches_follows_the_separate_run(tmp_path):
                         {k: v.clone() for k, v in trainer.model.state_dict().items()})
     (losses0, weights0), (losses1, weights1) = runs[False], runs[True]
     assert len(losses1) == 2 and np.isfinite(losses1).all()
-    # Epoch 1 (three steps from the same start) agrees to 1e-4. Epoch 2 comes after Adadelta has amplified the
-    # two paths' different rounding (below), by an amount that depends on the CPU's kernels: 1.1e-4 on the GPU
-    # machine's CPU (tests/logs/2026-12-06_branch_modes_h100/paired_gpu_tests.log), up to 2.3e-3 (the KL) on a
-    # 2-core AVX2 EPYC. So epoch 2 is held to 1e-2; the weight distance below is the check that tells a wrong
-    # gradient from rounding.
+    # Epoch 1 (three steps from the same start) agrees to 1e-4. Epoch 2 comes after Adadelta has amplified any
+    # difference in the two paths' rounding (below), which depends on the CPU's kernels: the first version's
+    # grouped coverage conv was 1.1e-4 off on the GPU machine's CPU (tests/logs/2026-12-06_branch_modes_h100) and
+    # 2.3e-3 (the KL) on a 2-core AVX2 EPYC, where the dense conv agrees exactly
+    # (tests/logs/2026-12-06_paired_rounding_cpu). So epoch 2 is held to 1e-2; the weight distance below is the
+    # check that tells a wrong gradient from rounding.
     np.testing.assert_allclose(losses1[0], losses0[0], rtol=1e-4)
     np.testing.assert_allclose(losses1[1], losses0[1], rtol=1e-2)
     # Adadelta at lr 1 turns rounding into visible weight differences within a few steps (sign-like updates of
