@@ -101,9 +101,9 @@ class TrainConfig:
                                 "(benchmarks/results/train_branch_modes_h100_2026-12-06.json)")
     paired_branches: bool = _opt(False, "teacher-force the L2R and R2L branches in lock-step as one stacked "
                                  "computation (training/paired.py): each decoder kernel serves both branches; "
-                                 "its first version ran 0.22x a step on an H100, its grouped coverage conv on "
-                                 "PyTorch's slow depthwise kernels (benchmarks/results/"
-                                 "train_branch_modes_h100_2026-12-06.json); that conv is dense now, its GPU speed "
+                                 "its first version ran 0.22x a step on an H100 (benchmarks/results/"
+                                 "train_branch_modes_h100_2026-12-06.json), likely because its grouped coverage conv "
+                                 "ran on PyTorch's slow depthwise kernels; that conv is dense now, its GPU speed "
                                  "unmeasured (benchmarks/bench_branch_modes.py); "
                                  "not with --branch-streams or --compile-step")
     save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
