@@ -218,6 +218,25 @@ def test_weight_average_math_and_applied_restores():
         WeightAverage(list(lin.parameters()), decay=1.0)
 
 
+def test_uniform_weight_average_is_the_mean_of_the_updates():
+    """With decay None the average is the plain mean of the weights at every update (the starting weights not
+    included)."""
+    from training.ema import WeightAverage
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    mean = WeightAverage(list(lin.parameters()), decay=None)
+    seen = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.add_(torch.randn_like(p))
+        seen.append([p.detach().clone() for p in lin.parameters()])
+        mean.update()
+    for i, a in enumerate(mean.average):
+        torch.testing.assert_close(a, torch.stack([s[i] for s in seen]).mean(0))
+
+
 def _ema_run_config(tmp_path, epochs: int) -> TrainConfig:
     """A tiny Adadelta run with an EMA and a validation decode every epoch, on 8 + 3 self-made images."""
     data = tmp_path / "crohme"
@@ -250,6 +269,51 @@ def test_trainer_with_ema_validates_both_and_saves_the_better(tmp_path):
     assert engine.has_r2l and set(names) == set(saved)     # the engine keeps R2L too, for rescoring
     for n, v in zip(names, source):
         assert torch.equal(saved[n].detach().cpu(), v.cpu()), n
+
+
+def test_trainer_tail_average_is_the_mean_of_epoch_end_weights(tmp_path):
+    """--average-from 2 on a 3-epoch run: epochs 2 and 3 log 'tail' figures beside the raw and EMA ones (over 1,
+    then 2 epochs); the mean equals that of the weights at the end of epochs 2 and 3; inside ``tail_weights`` the
+    model holds that mean with recomputed BN statistics (those of ``recalibrate_batchnorm`` on a copy), and on
+    exit the raw weights and statistics are back, bit for bit, in the same storage."""
+    import copy
+
+    from training.bn_recalibrate import batchnorm_buffers, recalibrate_batchnorm
+
+    cfg = TrainConfig(**{**_ema_run_config(tmp_path, epochs=3).__dict__, "average_from": 2, "average_bn_batches": 2})
+    trainer = Trainer(cfg)
+    ends = []
+    train_epoch = trainer.train_epoch
+
+    def recording_epoch():
+        out = train_epoch()
+        ends.append([p.detach().clone() for p in trainer.model.parameters() if p.requires_grad])
+        return out
+
+    trainer.train_epoch = recording_epoch
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    epochs = {r["epoch"]: r for r in records if "ce_l2r" in r}
+    assert "tail_val_exprate" not in epochs[1]
+    assert epochs[2]["tail_epochs"] == 1 and epochs[3]["tail_epochs"] == 2
+    assert all(np.isfinite(epochs[e]["tail_val_ce"]) and "ema_val_ce" in epochs[e] for e in (2, 3))
+    for i, a in enumerate(trainer.tail.average):
+        torch.testing.assert_close(a, (ends[1][i] + ends[2][i]) / 2)
+
+    raw = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    pointers = [t.data_ptr() for t in batchnorm_buffers(trainer.model)]
+    reference = copy.deepcopy(trainer.model)
+    with torch.no_grad():
+        for p, a in zip([p for p in reference.parameters() if p.requires_grad], trainer.tail.average):
+            p.copy_(a)
+    recalibrate_batchnorm(reference, trainer.train_batches[::max(1, len(trainer.train_batches) // 2)][:2])
+    with trainer.tail_weights():
+        inside = trainer.model.state_dict()
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(inside[name], value, rtol=1e-6, atol=1e-7)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, raw[name]), name
+    assert [t.data_ptr() for t in batchnorm_buffers(trainer.model)] == pointers
 
 
 def test_state_rebuilt_from_the_best_engine_resumes_the_schedule(tmp_path):

@@ -1,4 +1,5 @@
-"""An exponential moving average of the trainable weights, for validation and the saved engine.
+"""A running average of the trainable weights, for validation and the saved engine: exponential (EMA, updated
+every step) or uniform (updated once an epoch from some epoch on: stochastic weight averaging).
 
 Why: late in a run the weights still wander around a minimum from step to step (Adadelta with a
 shrinking but non-zero lr); their running average sits nearer its centre and usually decodes better than
@@ -18,10 +19,11 @@ import torch
 
 class WeightAverage:
     """EMA of ``params`` with decay ``min(decay, (1 + n) / (10 + n))`` at the n-th update (a warm-up, so
-    that the first updates are not dominated by the starting point)."""
+    that the first updates are not dominated by the starting point); with ``decay=None`` the plain mean of
+    the weights at every update (the n-th update weighs 1 / (n + 1))."""
 
-    def __init__(self, params: list[torch.Tensor], decay: float):
-        if not 0.0 < decay < 1.0:
+    def __init__(self, params: list[torch.Tensor], decay: float | None):
+        if decay is not None and not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.params = [p for p in params if p.requires_grad]
         self.decay = decay
@@ -30,6 +32,8 @@ class WeightAverage:
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
+        if self.decay is None:
+            return self.updates / (self.updates + 1)
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()

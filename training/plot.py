@@ -52,14 +52,15 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], records: l
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``curves.png`` for ``run_dir/log.jsonl``: losses; validation ExpRate, <=1, <=2, and the EMA
-    weights' ExpRate in runs that validate an EMA."""
+    weights' ExpRate in runs that validate an EMA, and the epoch mean's in runs with --average-from."""
     run_dir = Path(run_dir)
     records = read_log(run_dir / "log.jsonl")
     img = Image.new("RGB", (900, 560), (255, 255, 255))
     d = ImageDraw.Draw(img)
     _panel(d, (60, 30, 880, 260), records, SERIES, "losses")
     _panel(d, (60, 310, 880, 530), records, [("val_exprate", (214, 39, 40)), ("val_le1", (140, 86, 75)),
-                                             ("val_le2", (127, 127, 127)), ("ema_val_exprate", (23, 190, 207))],
+                                             ("val_le2", (127, 127, 127)), ("ema_val_exprate", (23, 190, 207)),
+                                             ("tail_val_exprate", (148, 103, 189))],
            "CROHME 2014 (validation), %")
     out = Path(out) if out else run_dir / "curves.png"
     img.save(out)

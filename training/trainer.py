@@ -12,10 +12,10 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from abm_rt.metrics import score_predictions
 from abm_rt.model import ABM, ModelConfig, initialize
 
 from .augment import random_affine
+from .bn_recalibrate import batchnorm_buffers, recalibrate_batchnorm
 from .ema import WeightAverage
 from .checkpoint import has_state, load_state, save_state
 from .losses import distillation_kl, sequence_ce, soft_target_kl
@@ -120,6 +121,12 @@ class TrainConfig:
     curriculum_start: float = _opt(0.2, "the curriculum's first fraction of the batches")
     ema_decay: float = _opt(0.0, "> 0: also validate an EMA of the weights (training/ema.py) and keep whichever "
                             "decodes better as best_engine. Not in the state: a resume restarts the average")
+    average_from: int = _opt(0, "> 0: from this epoch on, also keep the plain mean of the weights at the end of each "
+                             "epoch (stochastic weight averaging), validated as 'tail' and saved like the EMA, with "
+                             "BatchNorm statistics recomputed for it (training/bn_recalibrate.py). Not in the state: "
+                             "a resume restarts the mean")
+    average_bn_batches: int = _opt(200, "training batches (evenly spread, no augmentation) that recompute the "
+                                   "BatchNorm statistics of the --average-from mean")
     teachers: str | None = _opt(None, "distil from these models (comma separated: engine directories, trainer "
                                 "states or weights exports, or default), each with its R2L branch: their mean "
                                 "soft predictions on the training set are computed once (training/distill.py)")
@@ -302,6 +309,7 @@ class Trainer:
         elif cfg.init_from:
             self._warm_start(cfg.init_from)
         self.ema = WeightAverage(list(self.model.parameters()), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.tail = WeightAverage(list(self.model.parameters()), None) if cfg.average_from > 0 else None
         self.graphed: GraphedTrainStep | None = None
         if self.graphed_wanted:
             self.graphed = GraphedTrainStep(self.model, self.opt, self._loss, cfg.clip)
@@ -488,6 +496,25 @@ class Trainer:
         out["val_seconds"] = time.time() - t0
         return out
 
+    @contextmanager
+    def tail_weights(self) -> Iterator[None]:
+        """Inside the block the model holds the ``--average-from`` mean of epoch-end weights, with BatchNorm
+        statistics recomputed for it; on exit the raw weights and statistics come back (copied in place, so
+        captured CUDA graphs stay valid). Why recompute: averaged weights never ran with any statistics."""
+        with self.tail.applied():
+            saved = [t.clone() for t in batchnorm_buffers(self.model)]
+            n = max(1, self.cfg.average_bn_batches)
+            try:
+                recalibrate_batchnorm(self.model, self.train_batches[::max(1, len(self.train_batches) // n)][:n])
+                yield
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(batchnorm_buffers(self.model), saved)
+
+    def weights_of(self, kind: str):
+        """A context holding the weights that validation named ``kind``: raw, ema or tail."""
+        return {"raw": nullcontext, "ema": lambda: self.ema.applied(), "tail": self.tail_weights}[kind]()
+
     # ---- the run -------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
@@ -509,23 +536,28 @@ class Trainer:
             self.meta["epoch"] += 1
             self.meta["train_seconds"] += stats["epoch_seconds"]
             e = self.meta["epoch"]
+            if self.tail is not None and e >= cfg.average_from:
+                self.tail.update()
             last = self.finished()
             decode = last or (e >= cfg.val_from and e % cfg.val_every == 0)
             val = self.validate(decode)
             record = {"epoch": e, "step": self.meta["step"], **stats, **val,
                       "elapsed": round(time.time() - start, 1)}
             candidates = [("raw", val)]
-            if decode and self.ema is not None:
-                with self.ema.applied():
-                    ema_val = self.validate(decode)
-                candidates.append(("ema", ema_val))
-                record.update({f"ema_{k}": v for k, v in ema_val.items()})
-                record["elapsed"] = round(time.time() - start, 1)
+            for kind, average in (("ema", self.ema), ("tail", self.tail)):
+                if decode and average is not None and average.updates > 0:
+                    with self.weights_of(kind):
+                        other = self.validate(decode)
+                    candidates.append((kind, other))
+                    record.update({f"{kind}_{k}": v for k, v in other.items()})
+                    record["elapsed"] = round(time.time() - start, 1)
+            if decode and self.tail is not None:
+                record["tail_epochs"] = self.tail.updates
             weights, best = max(candidates, key=lambda c: c[1].get("val_exprate", -1.0))   # ties: raw
             if decode and best["val_exprate"] > self.meta["best_exprate"]:
                 self.meta["best_exprate"], self.meta["best_epoch"] = best["val_exprate"], e
                 self.meta["best_weights"] = weights
-                with self.ema.applied() if weights == "ema" else nullcontext():
+                with self.weights_of(weights):
                     save_engine(self.out / "best_engine", self.model, self.vocab,
                                 provenance={"trained_by": "abm_rt training", "epoch": e, "weights": weights,
                                             "val_2014": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
