@@ -74,6 +74,24 @@ def test_deeper_statistics_change_and_weights_do_not():
     assert all(moved) and len(moved) >= 4
 
 
+def test_dropout_on_reaches_the_statistics_after_the_first_dropout_only():
+    """With dropout=True (as in training) the first BN, which no dropout precedes, gets the same statistics as
+    with dropout off; BNs after a dropout get other ones, which differ from one dropout seed to another."""
+    batches = _batches()
+    off, on_a, on_b = _model(), _model(), _model()
+    recalibrate_batchnorm(off, batches)
+    torch.manual_seed(1)
+    recalibrate_batchnorm(on_a, batches, dropout=True)
+    torch.manual_seed(2)
+    recalibrate_batchnorm(on_b, batches, dropout=True)
+    first_off, first_on = batchnorm_buffers(off)[0], batchnorm_buffers(on_a)[0]
+    torch.testing.assert_close(first_on, first_off)
+    later = [i for i in range(3, len(batchnorm_buffers(off)), 3)]
+    assert any(not torch.allclose(batchnorm_buffers(on_a)[i], batchnorm_buffers(off)[i]) for i in later)
+    assert any(not torch.equal(batchnorm_buffers(on_a)[i], batchnorm_buffers(on_b)[i]) for i in later)
+    assert on_a.training and off.training          # each was in training mode before, and is again
+
+
 def test_no_batches_is_an_error():
     with pytest.raises(ValueError, match="no batches"):
         recalibrate_batchnorm(_model(), [])

@@ -38,8 +38,9 @@ def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[PackedBatch]) -> int:
-    """Replace the BN running statistics of ``model`` by their average over ``batches`` (dropout off).
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[PackedBatch], dropout: bool = False) -> int:
+    """Replace the BN running statistics of ``model`` by their average over ``batches`` (dropout off, or on
+    as in training with ``dropout=True``).
 
     Each batch counts once (PyTorch's cumulative average with ``momentum=None``), as a BN layer sees it:
     padded canvases included, as in training. The model's mode and the layers' momenta are restored.
@@ -52,7 +53,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[PackedBatch]) -> i
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     was_training = model.training
     momenta = [m.momentum for m in bns]
-    model.eval()
+    model.train(dropout)
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
@@ -73,7 +74,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[PackedBatch]) -> i
 
 
 def recalibrate_engine(engine: str | Path, out: str | Path, data: str | Path, images: int = 1600,
-                       max_batch: int = 16, batch_pixels: int = 480000) -> Path:
+                       max_batch: int = 16, batch_pixels: int = 480000, dropout: bool = False) -> Path:
     """Write a copy of the engine directory ``engine`` to ``out`` with BN statistics recomputed on the
     first ``images`` training images of ``data`` (a CROHME folder with ``train/``), on the CPU.
 
@@ -88,11 +89,13 @@ def recalibrate_engine(engine: str | Path, out: str | Path, data: str | Path, im
     samples = read_split(Path(data) / "train", limit=images)
     batches = pack_split(samples, src.vocab, torch.device("cpu"), max_batch, batch_pixels)
     t0 = time.time()
-    n = recalibrate_batchnorm(src.model, batches)
+    torch.manual_seed(0)                           # the dropout masks, when dropout is on
+    n = recalibrate_batchnorm(src.model, batches, dropout)
     provenance = dict(src.config.get("provenance", {}))
     provenance["bn_recalibrated"] = {"by": "training.bn_recalibrate", "source": str(src.path), "images": n,
                                      "batches": len(batches), "max_batch": max_batch,
-                                     "batch_pixels": batch_pixels, "seconds": round(time.time() - t0, 1)}
+                                     "batch_pixels": batch_pixels, "dropout": dropout,
+                                     "seconds": round(time.time() - t0, 1)}
     return save_engine(out, src.model, src.vocab, provenance=provenance, with_r2l=src.has_r2l)
 
 
@@ -106,8 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=1600, help="training images to run (the first N captions)")
     p.add_argument("--max-batch", type=int, default=16, help="images per batch at most")
     p.add_argument("--batch-pixels", type=int, default=480000, help="padded pixels per batch at most")
+    p.add_argument("--dropout", action="store_true", help="keep dropout on, as in training (to tell its effect "
+                   "on the statistics from that of averaging over many batches)")
     a = p.parse_args(argv)
-    print(recalibrate_engine(a.engine, a.out, a.data, a.images, a.max_batch, a.batch_pixels))
+    print(recalibrate_engine(a.engine, a.out, a.data, a.images, a.max_batch, a.batch_pixels, a.dropout))
 
 
 if __name__ == "__main__":
