@@ -274,8 +274,9 @@ def test_trainer_with_ema_validates_both_and_saves_the_better(tmp_path):
 def test_trainer_tail_average_is_the_mean_of_epoch_end_weights(tmp_path):
     """--average-from 2 on a 3-epoch run: epochs 2 and 3 log 'tail' figures beside the raw and EMA ones (over 1,
     then 2 epochs); the mean equals that of the weights at the end of epochs 2 and 3; inside ``tail_weights`` the
-    model holds that mean with recomputed BN statistics (those of ``recalibrate_batchnorm`` on a copy), and on
-    exit the raw weights and statistics are back, bit for bit, in the same storage."""
+    model holds that mean with recomputed BN statistics (those of ``recalibrate_batchnorm`` on a copy), as does
+    the ``tail_engine`` the run's end writes; on exit the raw weights and statistics are back, bit for bit, in
+    the same storage."""
     import copy
 
     from training.bn_recalibrate import batchnorm_buffers, recalibrate_batchnorm
@@ -299,6 +300,10 @@ def test_trainer_tail_average_is_the_mean_of_epoch_end_weights(tmp_path):
     assert all(np.isfinite(epochs[e]["tail_val_ce"]) and "ema_val_ce" in epochs[e] for e in (2, 3))
     for i, a in enumerate(trainer.tail.average):
         torch.testing.assert_close(a, (ends[1][i] + ends[2][i]) / 2)
+    from abm_rt.engine_dir import load_engine
+
+    tail_engine = load_engine(tmp_path / "run" / "tail_engine")     # written at the end of the run
+    assert tail_engine.config["provenance"]["tail_epochs"] == [2, 3] and tail_engine.has_r2l
 
     raw = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     pointers = [t.data_ptr() for t in batchnorm_buffers(trainer.model)]
@@ -307,10 +312,12 @@ def test_trainer_tail_average_is_the_mean_of_epoch_end_weights(tmp_path):
         for p, a in zip([p for p in reference.parameters() if p.requires_grad], trainer.tail.average):
             p.copy_(a)
     recalibrate_batchnorm(reference, trainer.train_batches[::max(1, len(trainer.train_batches) // 2)][:2])
+    saved = tail_engine.model.state_dict()
     with trainer.tail_weights():
         inside = trainer.model.state_dict()
         for name, value in reference.state_dict().items():
             torch.testing.assert_close(inside[name], value, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(saved[name], value, rtol=1e-6, atol=1e-7)
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, raw[name]), name
     assert [t.data_ptr() for t in batchnorm_buffers(trainer.model)] == pointers

@@ -12,7 +12,8 @@
 # other in one call and wait for them in parallel (RUN=a bash ... wait & RUN=b bash ... wait; wait).
 # Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back, per run:
 # $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
-# so far; with RETURN=weights also the latest weights in fp16, to resume elsewhere).
+# so far, its tail_engine once there is one; with RETURN=weights also the latest weights in fp16, to resume
+# elsewhere). All of them together make 7 files of the 8 a call returns.
 # A device call copies the tracked tree plus the carry, 64 MiB in all: the bundled engine (32 MiB), one tracked
 # fp16 weights export (16 MiB), the rest of the tree (5 MiB) and .carry (10 MiB) just fit. Keep at most one
 # weights export in the tree; training needs only the data, so carry [".carry/crohme.tar.gz"] (8 MiB).
@@ -51,6 +52,7 @@ tail -n "${TAIL:-40}" "$dir/train.out"
 cp "$dir/log.jsonl" "$OUT/$RUN.log.jsonl" 2>/dev/null
 parts=(train.out)
 [ -d "$dir/best_engine" ] && parts+=(best_engine)
+[ -d "$dir/tail_engine" ] && parts+=(tail_engine)   # --average-from's mean, written when the trainer pauses or ends
 if [ "${RETURN:-engine}" = weights ]; then       # fp16 (17 MB) so that it fits the next call's carry
   src="$dir/weights"; [ -d "$src" ] || src="$dir/state"    # finished, or the last saved epoch
   rm -rf "$dir/weights_fp16"

@@ -511,6 +511,16 @@ class Trainer:
                 with torch.no_grad():
                     torch._foreach_copy_(batchnorm_buffers(self.model), saved)
 
+    def _save_tail_engine(self, epoch: int) -> None:
+        """Write the ``--average-from`` mean as ``tail_engine/`` when the run pauses or ends: it is lost with
+        the process (not in the state), and offline evaluation may prefer it even where validation did not."""
+        with self.tail_weights():
+            save_engine(self.out / "tail_engine", self.model, self.vocab,
+                        provenance={"trained_by": "abm_rt training", "epoch": epoch, "weights": "tail",
+                                    "tail_epochs": [epoch - self.tail.updates + 1, epoch],
+                                    "train_config": asdict(self.cfg)},
+                        with_r2l=self.model.r2l is not None)
+
     def weights_of(self, kind: str):
         """A context holding the weights that validation named ``kind``: raw, ema or tail."""
         return {"raw": nullcontext, "ema": lambda: self.ema.applied(), "tail": self.tail_weights}[kind]()
@@ -571,6 +581,8 @@ class Trainer:
                 pause = time.time() - start + per_epoch * 1.15 > cfg.stop_after
             if pause or self.finished() or e % max(1, cfg.save_every) == 0:
                 save_state(self.out / "state", self.model, self.opt, self.meta)
+            if (pause or self.finished()) and self.tail is not None and self.tail.updates > 0:
+                self._save_tail_engine(e)
             if pause:
                 self._log({"event": "pause", "epoch": e, "elapsed": round(time.time() - start, 1)})
                 break
