@@ -104,8 +104,8 @@ class TrainConfig:
                                  "computation (training/paired.py): each decoder kernel serves both branches; "
                                  "its first version ran 0.22x a step on an H100 (benchmarks/results/"
                                  "train_branch_modes_h100_2026-12-06.json), likely because its grouped coverage conv "
-                                 "ran on PyTorch's slow depthwise kernels; that conv is dense now, its GPU speed "
-                                 "unmeasured (benchmarks/bench_branch_modes.py); "
+                                 "ran on PyTorch's slow depthwise kernels; with that conv dense it runs 1.205x "
+                                 "(train_branch_modes_h100_2026-12-06b.json) and abm-paper's epochs 1.24x faster; "
                                  "not with --branch-streams or --compile-step")
     save_every: int = _opt(1, "epochs between saved states (a pause or the end always saves)")
     log_attention_sharpness: bool = _opt(True, "after each validation, log the mean peak attention weight of "
