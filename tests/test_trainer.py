@@ -16,7 +16,7 @@ from abm_rt.data.vocab import Vocab
 from abm_rt.model import ABM, ModelConfig, initialize
 from training.checkpoint import load_state, save_state, state_from_engine
 from training.packed import ShapeGrid, pack_fixed_shapes
-from training.trainer import TrainConfig, Trainer
+from training.trainer import TrainConfig, Trainer, should_pause
 
 TINY = {"growth": 8, "block_depth": 2, "hidden": 32, "embed": 32, "attn": 32}
 
@@ -95,7 +95,7 @@ def _write_split(folder, samples: list[Sample]) -> None:
 def test_trainer_runs_logs_and_resumes(tmp_path, optimizer):
     """Two epochs on 12 images (fixed-shape batches, as CUDA-graph training packs them; on a CPU they train
     eagerly), validation decode, one JSON line per epoch, a saved state; a second Trainer resumes at epoch 2
-    from that state with the same weights and runs a third epoch."""
+    from that state with the same weights, runs a third epoch and pauses there at its --stop-after."""
     data = tmp_path / "crohme"
     _write_split(data / "train", _samples(12, seed=1, max_h=120, max_w=300))
     _write_split(data / "2014", _samples(4, seed=2, max_h=120, max_w=300))
@@ -115,11 +115,14 @@ def test_trainer_runs_logs_and_resumes(tmp_path, optimizer):
         assert r["val_total"] == 4 and 0 <= r["val_exprate"] <= 100
     saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    resumed = Trainer(TrainConfig(**{**cfg.__dict__, "epochs": 3}))
+    # a schedule of 5 epochs, but --stop-after allows less than one more: one epoch, then a saved pause
+    resumed = Trainer(TrainConfig(**{**cfg.__dict__, "epochs": 5, "stop_after": 1e-3}))
     assert resumed.meta["epoch"] == 2 and resumed.meta["step"] == meta["step"]
     for k, v in resumed.model.state_dict().items():
         assert torch.equal(v, saved[k]), k
     assert resumed.run()["epoch"] == 3
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "pause" and last["epoch"] == 3
 
 
 def test_warm_start_and_kl_warmup(tmp_path):
@@ -669,3 +672,14 @@ def test_label_smoothing_reaches_both_branches_ce(tmp_path):
     assert float(parts[1]) == pytest.approx(float(sequence_ce(zr, b.r2l_tgt, b.lengths, 0.1)), rel=1e-5)
     assert float(parts[0]) != pytest.approx(float(sequence_ce(zl, b.l2r_tgt, b.lengths)), rel=1e-4)
     assert float(loss) == pytest.approx(float(parts[0] + parts[1] + cfg.kl_weight * parts[2]), rel=1e-5)
+
+
+def test_should_pause_discounts_the_capture_epoch():
+    """--stop-after estimates the next epoch from the epochs after the first (which carries the graph capture):
+    session 4's figures (a 114.7 s first epoch, 48.3 s the next, 165.6 s elapsed, 260 s allowed) go on."""
+    assert not should_pause(165.6, [117.3, 48.3], 260.0)
+    assert should_pause(214.0, [117.3, 48.3, 48.4], 260.0)          # 214 + 48.4 * 1.15 > 260
+    assert should_pause(117.3, [117.3], 200.0)                      # alone, the first epoch is the estimate
+    assert not should_pause(117.3, [117.3], 260.0)
+    assert should_pause(100.0, [90.0, 40.0, 60.0, 40.0], 165.0)     # the costliest later epoch (validation) counts
+    assert not should_pause(0.0, [], 1.0)

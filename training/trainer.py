@@ -159,6 +159,20 @@ def _check_learning_rate(cfg: TrainConfig) -> None:
                          f"Adadelta pass --optimizer adadelta (and --clip 100).")
 
 
+def should_pause(elapsed: float, epoch_seconds: list[float], stop_after: float, margin: float = 1.15) -> bool:
+    """Whether another epoch would overrun ``stop_after`` seconds of this invocation.
+
+    ``epoch_seconds`` are this invocation's epochs in wall seconds (validation and checkpoint included). The
+    next epoch is estimated as the costliest one after the first (a validation epoch costs more), or as the
+    first while it is the only one. Why not the mean of all: the first epoch after a start carries the
+    one-time CUDA graph capture (91-111 s, against 47-53 s an epoch), and that mean paused abm-paper's
+    session 4 one epoch early (at 166 s of 260)."""
+    if not epoch_seconds:
+        return False
+    estimate = max(epoch_seconds[1:]) if len(epoch_seconds) > 1 else epoch_seconds[0]
+    return elapsed + estimate * margin > stop_after
+
+
 def augments(cfg: TrainConfig) -> bool:
     """Whether ``cfg`` asks for any geometric augmentation of the training images."""
     return (cfg.scale_min, cfg.scale_max, cfg.aspect_max, cfg.shear_max, cfg.rotate_deg) != (1.0, 1.0, 1.0, 0.0, 0.0)
@@ -540,8 +554,9 @@ class Trainer:
                    "val_images": self.n_val, "load_seconds": round(self.load_seconds, 2),
                    **({"teacher_seconds": round(self.teacher_seconds, 2)} if self.teacher_seconds is not None else {}),
                    "resumed_epoch": self.meta["epoch"], "config": asdict(cfg)})
-        first_epoch = self.meta["epoch"]
+        epoch_seconds: list[float] = []          # this invocation's epochs, for --stop-after
         while not self.finished():
+            epoch_start = time.time()
             stats = self.train_epoch()
             self.meta["epoch"] += 1
             self.meta["train_seconds"] += stats["epoch_seconds"]
@@ -577,8 +592,8 @@ class Trainer:
             self._log(record)
             pause = False
             if cfg.stop_after is not None:
-                per_epoch = (time.time() - start) / (e - first_epoch)
-                pause = time.time() - start + per_epoch * 1.15 > cfg.stop_after
+                epoch_seconds.append(time.time() - epoch_start)
+                pause = should_pause(time.time() - start, epoch_seconds, cfg.stop_after)
             if pause or self.finished() or e % max(1, cfg.save_every) == 0:
                 save_state(self.out / "state", self.model, self.opt, self.meta)
             if (pause or self.finished()) and self.tail is not None and self.tail.updates > 0:
