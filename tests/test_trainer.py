@@ -676,7 +676,8 @@ def test_label_smoothing_reaches_both_branches_ce(tmp_path):
 
 def test_should_pause_discounts_the_capture_epoch():
     """--stop-after estimates the next epoch from the epochs after the first (which carries the graph capture):
-    session 4's figures (a 114.7 s first epoch, 48.3 s the next, 165.6 s elapsed, 260 s allowed) go on."""
+    session 4's figures (a first epoch of 117.3 s, capture and validation included, 48.3 s the next, 165.6 s
+    elapsed, 260 s allowed) go on."""
     assert not should_pause(165.6, [117.3, 48.3], 260.0)
     assert should_pause(214.0, [117.3, 48.3, 48.4], 260.0)          # 214 + 48.4 * 1.15 > 260
     assert should_pause(117.3, [117.3], 200.0)                      # alone, the first epoch is the estimate
