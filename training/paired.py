@@ -13,8 +13,8 @@ and their input gradient runs all 512 x 121 weights of a channel through one thr
 likely cause, read from PyTorch's dispatch and kernel source, not profiled. The convolution is now dense
 (``_block_diagonal``), on cuDNN's ordinary path like the separate branches' conv: on the same H100 a step
 takes 32.3 against 39.0 ms separate, 1.205x (benchmarks/results/train_branch_modes_h100_2026-12-06b.json),
-and abm-paper's epochs went from 58.65 to 47.45 s. ``--branch-streams`` ran the two chains side by side on two streams instead; that gave
-nothing (0.98x on the same H100 measurement; at batches of 24 on an H200,
+and abm-paper's epochs went from 58.65 to 47.45 s. ``--branch-streams`` ran the two chains side by side on
+two streams instead; that gave nothing (0.98x on the same H100 measurement; at batches of 24 on an H200,
 tests/logs/2026-12-03_branch_streams_h200).
 
 The math is ``DecoderBranch.teacher_forward``'s, run for two parameter sets at once; the GRU cells, the
