@@ -11,9 +11,11 @@
 # Several runs at once on a machine of several GPUs: GPU=k pins a run to GPU k; start them one after the
 # other in one call and wait for them in parallel (RUN=a bash ... wait & RUN=b bash ... wait; wait).
 # Every call waits up to WAIT seconds (default 560) for the trainer to finish, then hands back, per run:
-# $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output and its best engine
-# so far, its tail_engine once there is one; with RETURN=weights also the latest weights in fp16, to resume
-# elsewhere). All of them together make 7 files of the 8 a call returns.
+# $OUT/RUN.log.jsonl and $OUT/RUN.tar.part-* (split at 15 MiB: the trainer's output; with RETURN=weights the
+# latest weights in fp16, to resume elsewhere; its tail_engine once there is one; its best engine so far). A call
+# returns at most 64 MiB in all, and the three together are about 83 MB: they go in that order while they fit,
+# and what does not fit stays on the machine, named in the call's output. Fetch it from the warm machine with
+# ONLY="best_engine" WAIT=0 RUN=name bash training/device_background.sh wait (ONLY: the parts to return).
 # A device call copies the tracked tree plus the carry, 64 MiB in all: the bundled engine (32 MiB), one tracked
 # fp16 weights export (16 MiB), the rest of the tree (5 MiB) and .carry (10 MiB) just fit. Keep at most one
 # weights export in the tree; training needs only the data, so carry [".carry/crohme.tar.gz"] (8 MiB).
@@ -50,14 +52,25 @@ while [ $SECONDS -lt $end ] && kill -0 "$pid" 2>/dev/null; do sleep 5; done
 if kill -0 "$pid" 2>/dev/null; then echo "trainer $pid still running"; else echo "trainer $pid has finished"; fi
 tail -n "${TAIL:-40}" "$dir/train.out"
 cp "$dir/log.jsonl" "$OUT/$RUN.log.jsonl" 2>/dev/null
-parts=(train.out)
-[ -d "$dir/best_engine" ] && parts+=(best_engine)
-[ -d "$dir/tail_engine" ] && parts+=(tail_engine)   # --average-from's mean, written when the trainer pauses or ends
+# Most needed first: the weights to resume from, then the tail mean (lost with the machine), then the best
+# engine (also returned by any earlier call in which it changed). 63 MiB leaves room for the log and tar headers.
+room=$((63 * 1024 * 1024))
+parts=()
+add_part() {
+  [ -e "$dir/$1" ] || return 0
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
+  local size; size=$(du -sb "$dir/$1" | cut -f1)
+  if [ "$size" -le "$room" ]; then parts+=("$1"); room=$((room - size))
+  else echo "not returned (over the 64 MiB a call returns): $1; fetch it with ONLY=\"$1\" WAIT=0 RUN=$RUN bash $0 wait"; fi
+}
+add_part train.out
 if [ "${RETURN:-engine}" = weights ]; then       # fp16 (17 MB) so that it fits the next call's carry
   src="$dir/weights"; [ -d "$src" ] || src="$dir/state"    # finished, or the last saved epoch
   rm -rf "$dir/weights_fp16"
   [ -f "$src/state.json" ] && python3 -m training.checkpoint "$src" "$dir/weights_fp16" --fp16 > /dev/null \
-    && parts+=(weights_fp16)
+    && add_part weights_fp16
 fi
-tar -C "$dir" -cf - "${parts[@]}" | split -b 15M - "$OUT/$RUN.tar.part-"
+add_part tail_engine      # --average-from's mean, written when the trainer pauses or ends
+add_part best_engine
+[ ${#parts[@]} -gt 0 ] && tar -C "$dir" -cf - "${parts[@]}" | split -b 15M - "$OUT/$RUN.tar.part-"
 exit 0
