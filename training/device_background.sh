@@ -17,8 +17,9 @@
 # and what does not fit stays on the machine, named in the call's output. Fetch it from the warm machine with
 # ONLY="best_engine" WAIT=0 RUN=name bash training/device_background.sh wait (ONLY: the parts to return).
 # A device call copies the tracked tree plus the carry, 64 MiB in all: the bundled engine (32 MiB), one tracked
-# fp16 weights export (16 MiB), the rest of the tree (5 MiB) and .carry (10 MiB) just fit. Keep at most one
-# weights export in the tree; training needs only the data, so carry [".carry/crohme.tar.gz"] (8 MiB).
+# fp16 weights export (16 MiB), the rest of the tree (5 MiB) and .carry (10 MiB) just fit. Training needs only the
+# data, so carry [".carry/crohme.tar.gz"] (8 MiB); a resumed state in .train_carry adds 17 MiB, so move the bundled
+# engine (and any second weights export) out of the tree for those calls.
 set -uo pipefail
 RUN=${RUN:-abm}
 WAIT=${WAIT:-560}
