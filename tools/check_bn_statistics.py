@@ -5,7 +5,7 @@ eval mode (running statistics) and with BN on each batch's own statistics (momen
 off in both. If batch statistics gave a much lower val CE, the running statistics would be off (e.g. skewed
 by padding); they do not for the bundled soup (training/runs/abm-b16/README.md).
 
-    python3 tools/check_bn_statistics.py training/runs/abm-s3b/weights_fp16 --limit 160
+    python3 tools/check_bn_statistics.py training/runs/abm-s3b/weights_fp16 --limit 160   # git checkout e8c3821 -- that path
 """
 from __future__ import annotations
 
