@@ -15,6 +15,8 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "device_background.sh"
 MIB = 1024 * 1024
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None,
+                                reason="needs bash and tar")
 
 
 def _engine(path: Path, mib: int) -> None:
@@ -55,7 +57,6 @@ def _call(tmp_path: Path, **env: str) -> tuple[str, list[str]]:
     return done.stdout, sorted({name.split("/")[0] for name in listing})
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
 def test_returns_what_fits_and_names_the_rest(tmp_path: Path) -> None:
     _finished_run(tmp_path)
     stdout, names = _call(tmp_path)
@@ -64,7 +65,6 @@ def test_returns_what_fits_and_names_the_rest(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "r.log.jsonl").read_text() == '{"epoch": 80}\n'
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
 def test_only_fetches_the_named_part(tmp_path: Path) -> None:
     _finished_run(tmp_path)
     stdout, names = _call(tmp_path, ONLY="best_engine")

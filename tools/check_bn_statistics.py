@@ -3,7 +3,7 @@
 Teacher-forced L2R CE of a trainer state on the first N training and N CROHME 2014 images, with BatchNorm in
 eval mode (running statistics) and with BN on each batch's own statistics (momentum 0: nothing updated), dropout
 off in both. If batch statistics gave a much lower val CE, the running statistics would be off (e.g. skewed
-by padding); they do not for the bundled soup (training/runs/abm-b16/README.md).
+by padding); they do not for abm-soup, bundled then (training/runs/abm-b16/README.md).
 
     python3 tools/check_bn_statistics.py training/runs/abm-s3b/weights_fp16 --limit 160   # git checkout e8c3821 -- that path
 """

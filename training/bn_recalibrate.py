@@ -15,7 +15,7 @@ captured them stay valid.
 
 Measured on CROHME 2014 (benchmarks/results/bn_recalibrate_2014_cpu_2026-12-06.json): it lifted a run's raw
 weights at epoch 60 by 2.5 points (p = 0.03), through dropout being off (with ``--dropout`` nothing changed), but
-the same run's raw weights two epochs later by only 0.5 (p = 0.68), and not its EMA weights or the bundled soup
+the same run's raw weights two epochs later by only 0.5 (p = 0.68), and not its EMA weights or abm-soup, bundled then
 (-0.2 and -1.1, neither significant): no reliable gain. Check an engine before and after with ``abm-rt eval``.
 """
 from __future__ import annotations

@@ -57,15 +57,15 @@ cp "$dir/log.jsonl" "$OUT/$RUN.log.jsonl" 2>/dev/null
 # engine (also returned by any earlier call in which it changed). 63 MiB leaves room for the log and tar headers.
 room=$((63 * 1024 * 1024))
 parts=()
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 add_part() {
-  [ -e "$dir/$1" ] || return 0
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
+  [ -e "$dir/$1" ] && wanted "$1" || return 0
   local size; size=$(du -sb "$dir/$1" | cut -f1)
   if [ "$size" -le "$room" ]; then parts+=("$1"); room=$((room - size))
   else echo "not returned (over the 64 MiB a call returns): $1; fetch it with ONLY=\"$1\" WAIT=0 RUN=$RUN bash $0 wait"; fi
 }
 add_part train.out
-if [ "${RETURN:-engine}" = weights ]; then       # fp16 (17 MB) so that it fits the next call's carry
+if [ "${RETURN:-engine}" = weights ] && wanted weights_fp16; then   # fp16 (17 MB): fits the next call's carry
   src="$dir/weights"; [ -d "$src" ] || src="$dir/state"    # finished, or the last saved epoch
   rm -rf "$dir/weights_fp16"
   [ -f "$src/state.json" ] && python3 -m training.checkpoint "$src" "$dir/weights_fp16" --fp16 > /dev/null \
