@@ -16,10 +16,10 @@
 # returns at most 64 MiB in all, and the three together are about 83 MB: they go in that order while they fit,
 # and what does not fit stays on the machine, named in the call's output. Fetch it from the warm machine with
 # ONLY="best_engine" WAIT=0 RUN=name bash training/device_background.sh wait (ONLY: the parts to return).
-# A device call copies the tracked tree plus the carry, 64 MiB in all: the bundled engine (32 MiB), one tracked
-# fp16 weights export (16 MiB), the rest of the tree (5 MiB) and .carry (10 MiB) just fit. Training needs only the
-# data, so carry [".carry/crohme.tar.gz"] (8 MiB); a resumed state in .train_carry adds 17 MiB, so move the bundled
-# engine (and any second weights export) out of the tree for those calls.
+# A device call copies the tracked tree plus the carry, 64 MiB in all. The tree holds the bundled engine (32 MiB),
+# abm-paper's state_e100_fp16 (16 MiB) and the rest (11 MiB, on 2026-12-06); training needs only the data, so
+# carry [".carry/crohme.tar.gz"] (8 MiB), and a resumed or warm-started state in .train_carry adds 17 MiB. That
+# is over 64 MiB with the bundled engine in the tree: move it out for the call and put it back afterwards.
 set -uo pipefail
 RUN=${RUN:-abm}
 WAIT=${WAIT:-560}
