@@ -212,3 +212,69 @@ def test_r2l_beam_search_scores_are_teacher_forced_r2l_scores(model, batch):
     inputs, targets, steps = teacher_tensors([c.tokens[::-1] for _, c in rows])
     got = teacher_forced_scores(r2l, features, mask, torch.tensor([b for b, _ in rows]), inputs, targets, steps)
     np.testing.assert_allclose(got.numpy(), [c.score for _, c in rows], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def both_model(model):
+    """The small model with its R2L end token (sos) favoured too, so that both beams finish hypotheses."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.r2l.W_o.bias[SOS_ID] += 6.0      # +6: the smallest shift at which the R2L beam finds better ones
+    return m
+
+
+def test_rescore_over_both_beams_picks_the_best_of_the_union(both_model, batch):
+    """With an R2L search's results, each image keeps argmin (L2R + R2L) / (n + 1) over the union of both
+    beams' finished hypotheses, every score from the training forward; never worse than the L2R beam's
+    candidates alone, and the R2L beam's hypotheses come back in reading order."""
+    model = both_model
+    features, mask = batch
+    l2r = beam_search(model.l2r, features, mask, K, max_len=30, keep_candidates=True)
+    r2l = beam_search(model.r2l, features, mask, K, max_len=30, keep_candidates=True, sos=EOS_ID, eos=SOS_ID)
+    expected, only_l2r = [], []
+    for b in range(len(SIZES)):
+        union = {tuple(c.tokens) for c in l2r[b].candidates} | {tuple(c.tokens[::-1]) for c in r2l[b].candidates}
+        union = [list(t) for t in sorted(union)]
+        rows = torch.full((len(union),), b)
+        fwd = _training_forward_scores(model.l2r, features, mask, rows, *teacher_tensors(union, reverse=False))
+        bwd = _training_forward_scores(model.r2l, features, mask, rows, *teacher_tensors(union))
+        combined = {tuple(t): (float(f + r) / (len(t) + 1), float(f)) for t, f, r in zip(union, fwd, bwd)}
+        expected.append(min(combined.values()))
+        only_l2r.append(min(combined[tuple(c.tokens)][0] for c in l2r[b].candidates))
+    assert any(e[0] < o - 1e-6 for e, o in zip(expected, only_l2r)), "the R2L beam added nothing: a trivial test"
+    got = rescore_with_r2l(l2r, model.r2l, features, mask, r2l_seqs=r2l, l2r=model.l2r)
+    for s, (value, l2r_score) in zip(got, expected):
+        assert math.isclose(2 * s.normalized_score, value, rel_tol=1e-4, abs_tol=1e-5)
+        assert math.isclose(s.score, l2r_score, rel_tol=1e-4, abs_tol=1e-4)    # the L2R raw score, either beam
+    with pytest.raises(ValueError, match="L2R branch"):
+        rescore_with_r2l(l2r, model.r2l, features, mask, r2l_seqs=r2l)
+
+
+def test_recognizer_rescore_both(tmp_path, both_model):
+    """rescore="both": the results of rescore_with_r2l over both beams on the Recognizer's batch, attention
+    maps of the chosen (reading-order) tokens; the native decoder gives the PyTorch one's results."""
+    path = save_engine(tmp_path / "a", both_model, Vocab.default(), with_r2l=True)
+    opts = dict(device="cpu", beam_size=K, max_len=30)
+    g = torch.Generator().manual_seed(5)
+    images = [random_ink_image(h, w, g)[0, 0].numpy() for h, w in SIZES]
+    rec = Recognizer(path, rescore="both", decoder="pytorch", **opts)
+    assert rec.info()["rescore"] == "both (weight 1)"
+    got = rec.predict(images, return_attention=True)
+    x, pm = pad_batch(images, multiple=16)
+    f, m = rec.encoder.encode(x, pm)
+    with torch.no_grad():
+        l2r = beam_search(both_model.l2r, f, m, K, max_len=30, keep_candidates=True, return_attention=True)
+        r2l = beam_search(both_model.r2l, f, m, K, max_len=30, keep_candidates=True, return_attention=True,
+                          sos=EOS_ID, eos=SOS_ID)
+    ref = rescore_with_r2l(l2r, both_model.r2l, f, m, r2l_seqs=r2l, l2r=both_model.l2r)
+    for s, r in zip(ref, got):
+        assert r.ok and rec.vocab.decode(s.tokens) == r.tokens
+        assert math.isclose(-s.normalized_score, r.score, rel_tol=1e-5)
+        assert s.attention.shape[0] == len(s.tokens)
+        assert np.array_equal(s.attention[rec.vocab.kept_positions(s.tokens)], r.attention)
+    if native.is_available("cpu"):
+        nat = Recognizer(path, rescore="both", decoder="native", **opts).predict(images)
+        assert [r.tokens for r in nat] == [r.tokens for r in got]
+        np.testing.assert_allclose([r.score for r in nat], [r.score for r in got], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="R2L branch"):
+        Recognizer(save_engine(tmp_path / "b", both_model, Vocab.default()), rescore="both", **opts)

@@ -29,8 +29,7 @@ from abm_rt.data.buckets import pad_batch, size_batches  # noqa: E402
 from abm_rt.data.crohme import find_caption_file, read_captions  # noqa: E402
 from abm_rt.data.images import ImageOptions, load_image  # noqa: E402
 from abm_rt.data.vocab import EOS_ID, SOS_ID  # noqa: E402
-from abm_rt.decode.rescore import candidate_r2l_scores, combined_score, teacher_forced_scores  # noqa: E402
-from abm_rt.model.teacher import teacher_tensors  # noqa: E402
+from abm_rt.decode.rescore import candidate_r2l_scores, combined_score, r2l_search_candidates  # noqa: E402
 from abm_rt.decode.types import Candidate  # noqa: E402
 from abm_rt.version import source_commit  # noqa: E402
 
@@ -60,16 +59,10 @@ def candidate_scores(rec: Recognizer, images: list, batch_size: int, r2l_beam: b
                 out[g[j]].append((rec.vocab.decode(c.tokens), c, r2l))
                 seen[j].add(tuple(c.tokens))
             if r2l_beam:
-                # The R2L search starts from eos and ends on sos (spec 4.2); its token lists read right to left.
-                rows = [(j, c.tokens[::-1], c.score) for j, s in enumerate(search(rec.model.r2l, rec._native_r2l,
-                                                                                   EOS_ID, SOS_ID, f, m))
-                        for c in s.candidates if tuple(c.tokens[::-1]) not in seen[j]]
-                if rows:
-                    inputs, targets, steps = teacher_tensors([t for _, t, _ in rows], reverse=False)
-                    l2r = teacher_forced_scores(rec.model.l2r, f, m, torch.tensor([j for j, _, _ in rows]), inputs,
-                                                targets, steps, rec._native).tolist()
-                    for (j, toks, r2l), score in zip(rows, l2r):
-                        out[g[j]].append((rec.vocab.decode(toks), Candidate(toks, score), r2l))
+                # The R2L search starts from eos and ends on sos (spec 4.2); its hypotheses come back in reading order.
+                r2l_seqs = search(rec.model.r2l, rec._native_r2l, EOS_ID, SOS_ID, f, m)
+                for j, c, r2l in r2l_search_candidates(r2l_seqs, rec.model.l2r, f, m, rec._native, seen):
+                    out[g[j]].append((rec.vocab.decode(c.tokens), c, r2l))
     return out
 
 

@@ -20,10 +20,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="decode steps before giving up on an expression; its best partial result is then "
                         "returned marked truncated (default 256)")
-    p.add_argument("--rescore", choices=("auto", "r2l", "none"), default="auto",
+    p.add_argument("--rescore", choices=("auto", "r2l", "both", "none"), default="auto",
                    help="r2l: the R2L branch re-scores the L2R beam's finished hypotheses (bidirectional "
-                        "rescoring: +1.0 ExpRate on CROHME 2014, see README.md); none: the L2R beam alone, as the "
-                        "paper; auto (default): r2l when the engine has the R2L branch")
+                        "rescoring: +1.0 ExpRate on CROHME 2014, see README.md); both: an R2L beam search too, "
+                        "choosing among both beams' hypotheses (a second search's cost); none: the L2R beam "
+                        "alone, as the paper; auto (default): r2l when the engine has the R2L branch")
     p.add_argument("--rescore-weight", type=float, default=1.0, metavar="W",
                    help="weight of the R2L score against the L2R one (default 1.0)")
     p.add_argument("--decoder", choices=("auto", "native", "pytorch"), default="auto",

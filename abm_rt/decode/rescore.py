@@ -11,6 +11,10 @@ where both scores are raw sums of -log p over the n + 1 predicted tokens. ``weig
 L2R search's own choice (spec 5.1.4). The cost is one teacher-forced R2L pass over at most k
 hypotheses per image: about one more beam search's worth of decode steps, without the top-k.
 
+With an R2L beam search's results as well (``rescore_with_r2l(..., r2l_seqs=...)``, the Recognizer's
+``rescore="both"``), the candidates are the union of both beams' finished hypotheses, those of the R2L beam
+scored by the L2R branch: a bidirectional search, as BTTR's, for a second beam search's cost.
+
 The pass runs through the same step as the search: the native decoder's ``step`` (C++ or CUDA) when one
 is given, else ``DecoderBranch.step`` in PyTorch.
 """
@@ -95,25 +99,56 @@ def combined_score(candidate: Candidate, r2l_score: float, weight: float) -> flo
     return (candidate.score + weight * r2l_score) / (len(candidate.tokens) + 1)
 
 
+def r2l_search_candidates(r2l_seqs: list[DecodedSequence], l2r: DecoderBranch, features: torch.Tensor,
+                          mask: torch.Tensor, native=None, skip: list[set] | None = None
+                          ) -> list[tuple[int, Candidate, float]]:
+    """(image, candidate, R2L raw score) for every finished hypothesis of an R2L beam search, in one batched pass.
+
+    The R2L search runs from eos to sos (spec 4.2), so its token lists read right to left: each candidate
+    comes back in reading order (attention maps too), with ``score`` its L2R teacher-forced raw score and the
+    search's own score as the R2L one. ``skip[b]`` holds token tuples of image b to leave out (those the L2R
+    beam already found: the same sequence has the same two scores).
+    """
+    rows = [(b, list(c.tokens[::-1]), c) for b, s in enumerate(r2l_seqs) for c in s.candidates
+            if skip is None or tuple(c.tokens[::-1]) not in skip[b]]
+    if not rows:
+        return []
+    inputs, targets, steps = teacher_tensors([t for _, t, _ in rows], reverse=False)
+    row_image = torch.tensor([b for b, _, _ in rows], dtype=torch.long)
+    scores = teacher_forced_scores(l2r, features, mask, row_image, inputs, targets, steps, native).tolist()
+    return [(b, Candidate(t, score, None if c.attention is None else c.attention[::-1].copy()), c.score)
+            for (b, t, c), score in zip(rows, scores)]
+
+
 def rescore_with_r2l(seqs: list[DecodedSequence], r2l: DecoderBranch, features: torch.Tensor,
-                     mask: torch.Tensor, weight: float = 1.0, native=None) -> list[DecodedSequence]:
+                     mask: torch.Tensor, weight: float = 1.0, native=None, r2l_seqs: list[DecodedSequence] | None = None,
+                     l2r: DecoderBranch | None = None, native_l2r=None) -> list[DecodedSequence]:
     """Re-choose each image's hypothesis among its finished candidates by the L2R + R2L score.
 
     Args:
         seqs: the L2R search's results for the batch, with ``candidates`` (``keep_candidates=True``).
         r2l: the R2L branch; native: its ``NativeDecoder`` (optional, see ``teacher_forced_scores``).
         features, mask: the batch the search decoded.
-        weight: the R2L score's weight (0 keeps the L2R choice).
+        weight: the R2L score's weight (0 keeps the L2R choice when ``r2l_seqs`` is not given).
+        r2l_seqs: an R2L beam search's results on the same batch, with candidates: their hypotheses join
+            the L2R beam's (a bidirectional search; ``r2l_search_candidates``), scored by ``l2r`` (the L2R
+            branch; ``native_l2r`` its ``NativeDecoder``, optional) under teacher forcing.
     Returns:
         ``seqs`` with each image's chosen hypothesis replaced (tokens, ``score`` = its L2R raw score,
         ``normalized_score`` = the combined score / (1 + weight), a per-token average over both
         branches). Images without finished candidates (truncated) are left as they are. The attention
         maps, when the search returned them, are the chosen candidate's.
     """
-    if weight == 0:
+    if weight == 0 and r2l_seqs is None:
         return seqs
+    scored = candidate_r2l_scores(seqs, r2l, features, mask, native)
+    if r2l_seqs is not None:
+        if l2r is None:
+            raise ValueError("rescoring an R2L search's hypotheses needs the L2R branch (l2r)")
+        skip = [{tuple(c.tokens) for c in s.candidates} for s in seqs]
+        scored += r2l_search_candidates(r2l_seqs, l2r, features, mask, native_l2r, skip)
     best: dict[int, tuple[float, Candidate]] = {}
-    for b, c, r2l_score in candidate_r2l_scores(seqs, r2l, features, mask, native):
+    for b, c, r2l_score in scored:
         value = combined_score(c, r2l_score, weight)
         if b not in best or value < best[b][0]:
             best[b] = (value, c)
