@@ -108,7 +108,7 @@ class Recognizer:
             rescoring"); it costs one teacher-forced R2L pass over the finished hypotheses. "both" also runs
             an R2L beam search and chooses among both beams' finished hypotheses, each scored by both branches
             (a bidirectional search): on CROHME 2014 with the bundled model it read 57.81 / 74.44 / 81.34
-            (ExpRate / <=1 / <=2) against 57.91 / 74.14 / 80.53 with "r2l", at 1.8x the CPU decode time.
+            (ExpRate / <=1 / <=2) against 57.91 / 74.14 / 80.53 with "r2l", in 1.7x the CPU time (README.md).
         rescore_weight: the R2L score's weight (1.0: both branches count alike).
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
