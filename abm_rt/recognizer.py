@@ -107,8 +107,9 @@ class Recognizer:
             with the bundled model it raised the ExpRate from 53.14 to 54.16 (README.md, "Bidirectional
             rescoring"); it costs one teacher-forced R2L pass over the finished hypotheses. "both" also runs
             an R2L beam search and chooses among both beams' finished hypotheses, each scored by both branches
-            (a bidirectional search): on CROHME 2014 with the bundled model it read 57.81 / 74.44 / 81.34
-            (ExpRate / <=1 / <=2) against 57.91 / 74.14 / 80.53 with "r2l", in 1.7x the CPU time (README.md).
+            (a bidirectional search): on CROHME 2014 with abm-paper-soup3 (bundled since 2026-12-06) it read
+            57.81 / 74.44 / 81.34 (ExpRate / <=1 / <=2) against 57.91 / 74.14 / 80.53 with "r2l", in 1.7x the
+            CPU time (README.md).
         rescore_weight: the R2L score's weight (1.0: both branches count alike).
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
@@ -152,7 +153,9 @@ class Recognizer:
         if rescore in ("r2l", "both") and not self.engine.has_r2l:
             raise ValueError(f"rescore={rescore!r} needs an engine with the R2L branch ({self.engine.path} has no "
                              f"r2l.safetensors; `abm-rt convert` of a trainer state keeps it)")
-        self.rescore = "r2l" if rescore == "auto" and self.engine.has_r2l else ("none" if rescore == "auto" else rescore)
+        if rescore == "auto":
+            rescore = "r2l" if self.engine.has_r2l else "none"
+        self.rescore = rescore
         self.rescore_weight = float(rescore_weight)
         self._native_r2l = None
         if self.rescore != "none" and self._native is not None:
