@@ -101,8 +101,8 @@ class Recognizer:
             (``data.buckets.CanvasGrid``: sizes x1.5 apart), the canvases the model was trained on.
         graph_capacity: how many captured searches ``decoder_graphs`` keeps (least recently used out; also
             bounded by 2 GiB of their tensors).
-        rescore: "auto" (default: "r2l" when the engine carries the R2L branch, else "none"), "r2l" or
-            "none". With "r2l" the R2L branch re-scores every hypothesis the L2R beam finished and each image
+        rescore: "auto" (default: "r2l" when the engine carries the R2L branch, else "none"), "r2l", "both"
+            or "none". With "r2l" the R2L branch re-scores every hypothesis the L2R beam finished and each image
             keeps the best by ``(L2R + rescore_weight * R2L) / (n + 1)`` (``decode.rescore``). On CROHME 2014
             with the bundled model it raised the ExpRate from 53.14 to 54.16 (README.md, "Bidirectional
             rescoring"); it costs one teacher-forced R2L pass over the finished hypotheses. "both" also runs

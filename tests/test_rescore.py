@@ -219,7 +219,8 @@ def both_model(model):
     """The small model with its R2L end token (sos) favoured too, so that both beams finish hypotheses."""
     m = copy.deepcopy(model)
     with torch.no_grad():
-        m.r2l.W_o.bias[SOS_ID] += 6.0      # +6: the smallest shift at which the R2L beam finds better ones
+        # +6: of the shifts tried (0, 1, ..., 6 and 8), the smallest at which the R2L beam adds better ones
+        m.r2l.W_o.bias[SOS_ID] += 6.0
     return m
 
 
@@ -241,6 +242,7 @@ def test_rescore_over_both_beams_picks_the_best_of_the_union(both_model, batch):
         combined = {tuple(t): (float(f + r) / (len(t) + 1), float(f)) for t, f, r in zip(union, fwd, bwd)}
         expected.append(min(combined.values()))
         only_l2r.append(min(combined[tuple(c.tokens)][0] for c in l2r[b].candidates))
+    assert all(e[0] <= o + 1e-6 for e, o in zip(expected, only_l2r))
     assert any(e[0] < o - 1e-6 for e, o in zip(expected, only_l2r)), "the R2L beam added nothing: a trivial test"
     got = rescore_with_r2l(l2r, model.r2l, features, mask, r2l_seqs=r2l, l2r=model.l2r)
     for s, (value, l2r_score) in zip(got, expected):

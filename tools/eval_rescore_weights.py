@@ -39,14 +39,8 @@ def candidate_scores(rec: Recognizer, images: list, batch_size: int, r2l_beam: b
     """Per image: (tokens, candidate with its L2R raw score, R2L raw score) of every finished hypothesis of its
     L2R beam, and with ``r2l_beam`` also of an R2L beam search (its hypotheses reversed into reading order
     and scored by L2R teacher forcing), each distinct token sequence once."""
-    from abm_rt.decode import beam_search
-    from abm_rt.decode.native_search import native_beam_search
-
-    def search(branch, native, sos, eos, f, m):
-        if native is not None:
-            return native_beam_search(native, f, m, rec.beam_size, max_len=rec.max_len, keep_candidates=True,
-                                      sos=sos, eos=eos)
-        return beam_search(branch, f, m, rec.beam_size, max_len=rec.max_len, keep_candidates=True, sos=sos, eos=eos)
+    def search(branch, native, sos, eos, f, m):     # the Recognizer's own search, candidates kept
+        return rec._search(branch, native, f, m, False, True, sos, eos)
 
     out: list = [[] for _ in images]
     for g in size_batches([im.shape for im in images], batch_size, rec.max_batch_pixels):
