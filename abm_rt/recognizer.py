@@ -101,15 +101,15 @@ class Recognizer:
             (``data.buckets.CanvasGrid``: sizes x1.5 apart), the canvases the model was trained on.
         graph_capacity: how many captured searches ``decoder_graphs`` keeps (least recently used out; also
             bounded by 2 GiB of their tensors).
-        rescore: "auto" (default: "r2l" when the engine carries the R2L branch, else "none"), "r2l", "both"
+        rescore: "auto" (default: "both" when the engine carries the R2L branch, else "none"), "both", "r2l"
             or "none". With "r2l" the R2L branch re-scores every hypothesis the L2R beam finished and each image
-            keeps the best by ``(L2R + rescore_weight * R2L) / (n + 1)`` (``decode.rescore``). On CROHME 2014
-            with the bundled model it raised the ExpRate from 53.14 to 54.16 (README.md, "Bidirectional
-            rescoring"); it costs one teacher-forced R2L pass over the finished hypotheses. "both" also runs
-            an R2L beam search and chooses among both beams' finished hypotheses, each scored by both branches
-            (a bidirectional search): on CROHME 2014 with abm-paper-soup3 (bundled since 2026-12-06) it read
-            57.81 / 74.44 / 81.34 (ExpRate / <=1 / <=2) against 57.91 / 74.14 / 80.53 with "r2l", in 1.7x the
-            CPU time (README.md).
+            keeps the best by ``(L2R + rescore_weight * R2L) / (n + 1)`` (``decode.rescore``); it costs one
+            teacher-forced R2L pass over the finished hypotheses. "both" also runs an R2L beam search and
+            chooses among both beams' finished hypotheses, each scored by both branches (a bidirectional
+            search). On CROHME 2014 with abm-paper-soup3 (bundled since 2026-12-06), at batch 32 on the CPU:
+            "both" 57.81 / 74.34 / 81.34 (ExpRate / <=1 / <=2; all three at or above the paper's), "r2l"
+            57.81 / 74.04 / 80.53, "none" 55.88 % at batch 16 (README.md, "Bidirectional rescoring", which
+            also gives the cost of each).
         rescore_weight: the R2L score's weight (1.0: both branches count alike).
 
     A Recognizer may be shared between threads: ``predict`` calls run one at a time.
@@ -154,7 +154,8 @@ class Recognizer:
             raise ValueError(f"rescore={rescore!r} needs an engine with the R2L branch ({self.engine.path} has no "
                              f"r2l.safetensors; `abm-rt convert` of a trainer state keeps it)")
         if rescore == "auto":
-            rescore = "r2l" if self.engine.has_r2l else "none"
+            # "both": the decoding that meets the paper's three figures with the bundled engine (README.md)
+            rescore = "both" if self.engine.has_r2l else "none"
         self.rescore = rescore
         self.rescore_weight = float(rescore_weight)
         self._native_r2l = None

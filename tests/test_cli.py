@@ -116,7 +116,8 @@ def test_encoder_backend_option(engine_dir, tmp_path, capsys):
 
 def test_rescore_option(engine_dir, tmp_path, capsys):
     """--rescore r2l on an engine without the R2L branch is one clear error line (exit 2); --rescore none
-    works there; an engine that carries R2L rescores (its eval report's recognizer info says so)."""
+    works there; an engine that carries R2L decodes with the bidirectional search by default (its eval
+    report's recognizer info says so)."""
     args = ["recognize", str(EXAMPLES / "ex01_pythagoras.png"), "--engine", str(engine_dir), *FAST]
     assert main(args + ["--rescore", "r2l"]) == 2
     assert "R2L branch" in capsys.readouterr().err
@@ -133,4 +134,4 @@ def test_rescore_option(engine_dir, tmp_path, capsys):
     (data / f"{name}.png").write_bytes((EXAMPLES / f"{name}.png").read_bytes())
     report = tmp_path / "r.json"
     assert main(["eval", str(data), "--engine", str(bi), "--json", str(report), *FAST]) == 0
-    assert json.loads(report.read_text())["recognizer"]["rescore"] == "r2l (weight 1)"
+    assert json.loads(report.read_text())["recognizer"]["rescore"] == "both (weight 1)"

@@ -168,21 +168,23 @@ def test_engine_carries_the_r2l_branch(tmp_path, model):
 
 
 def test_recognizer_rescore_option(tmp_path, model):
-    """auto rescoring is on for an engine with R2L and off without; r2l without the branch is an error;
-    the rescored results are those of rescore_with_r2l on the same batch; attention follows the choice."""
+    """auto is the bidirectional search ("both") for an engine with R2L and off without; r2l or both without
+    the branch is an error; "r2l" results are those of rescore_with_r2l on the same batch; attention follows
+    the choice."""
     with_r2l = save_engine(tmp_path / "a", model, Vocab.default(), with_r2l=True)
     without = save_engine(tmp_path / "b", model, Vocab.default())
     opts = dict(device="cpu", beam_size=K, max_len=30, decoder="pytorch")
-    assert Recognizer(with_r2l, **opts).info()["rescore"] == "r2l (weight 1)"
+    assert Recognizer(with_r2l, **opts).info()["rescore"] == "both (weight 1)"
     assert Recognizer(without, **opts).info()["rescore"].startswith("none")
-    with pytest.raises(ValueError, match="R2L branch"):
-        Recognizer(without, rescore="r2l", **opts)
+    for needs_r2l in ("r2l", "both"):
+        with pytest.raises(ValueError, match="R2L branch"):
+            Recognizer(without, rescore=needs_r2l, **opts)
     with pytest.raises(ValueError, match="rescore must be"):
         Recognizer(with_r2l, rescore="yes", **opts)
     g = torch.Generator().manual_seed(3)
     images = [random_ink_image(h, w, g)[0, 0].numpy() for h, w in SIZES]
     plain = Recognizer(with_r2l, rescore="none", **opts).predict(images)
-    rescored = Recognizer(with_r2l, **opts).predict(images, return_attention=True)
+    rescored = Recognizer(with_r2l, rescore="r2l", **opts).predict(images, return_attention=True)
     assert all(r.ok for r in plain + rescored)
     rec = Recognizer(with_r2l, rescore="none", **opts)
     x, pm = pad_batch(images, multiple=16)          # the Recognizer's one batch of these four images

@@ -21,10 +21,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="decode steps before giving up on an expression; its best partial result is then "
                         "returned marked truncated (default 256)")
     p.add_argument("--rescore", choices=("auto", "r2l", "both", "none"), default="auto",
-                   help="r2l: the R2L branch re-scores the L2R beam's finished hypotheses (bidirectional "
-                        "rescoring: +1.0 ExpRate on CROHME 2014, see README.md); both: an R2L beam search too, "
-                        "choosing among both beams' hypotheses (a second search's cost); none: the L2R beam "
-                        "alone, as the paper; auto (default): r2l when the engine has the R2L branch")
+                   help="both: an R2L beam search beside the L2R one, each image keeping the best of both "
+                        "beams' hypotheses scored by both branches (bidirectional search, see README.md); r2l: "
+                        "the R2L branch only re-scores the L2R beam's hypotheses (cheaper, a little less "
+                        "accurate); none: the L2R beam alone, as the paper (fastest); auto (default): both "
+                        "when the engine has the R2L branch, else none")
     p.add_argument("--rescore-weight", type=float, default=1.0, metavar="W",
                    help="weight of the R2L score against the L2R one (default 1.0)")
     p.add_argument("--decoder", choices=("auto", "native", "pytorch"), default="auto",
