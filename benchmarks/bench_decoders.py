@@ -38,12 +38,14 @@ def run_config(decoder: str, precision: str, paths: list[str], batch: int, devic
     "tiled" (the CUDA small-batch kernels off, ``native.tiled_kernels``: the tiled kernels at every N),
     "fewrows" (CUDA linears of <= 32 rows on the one-warp-per-output kernel, ``native.few_rows_linear``),
     "splitenergy" (the CUDA energy in channel slices at small N, ``native.split_energy``). The last two are the
-    defaults since 2026-12-02; after "tiled" they turn one of them back on. "norescore": the L2R beam alone
-    (``rescore="none"``; by default an engine with the R2L branch rescores, ``decode.rescore``); "bothrescore":
-    an R2L beam search as well (``rescore="both"``)."""
-    unknown = set(flags) - {"graph", "nocompact", "tiled", "fewrows", "splitenergy", "norescore", "bothrescore"}
-    if {"norescore", "bothrescore"} <= set(flags):
-        raise ValueError("norescore and bothrescore exclude each other")
+    defaults since 2026-12-02; after "tiled" they turn one of them back on. The decoding of an engine with
+    the R2L branch (``decode.rescore``; without a flag the Recognizer's default, "both" since 2026-12-06):
+    "norescore" the L2R beam alone (``rescore="none"``), "r2lrescore" the L2R beam re-scored by the R2L
+    branch (``rescore="r2l"``), "bothrescore" an R2L beam search as well (``rescore="both"``)."""
+    modes = {"norescore": "none", "r2lrescore": "r2l", "bothrescore": "both"}
+    unknown = set(flags) - {"graph", "nocompact", "tiled", "fewrows", "splitenergy", *modes}
+    if len(set(flags) & set(modes)) > 1:
+        raise ValueError(f"the flags {', '.join(modes)} exclude each other")
     if unknown:
         raise ValueError(f"unknown flags {sorted(unknown)}")
     # in this order, each nested in the one before: "tiled" first, so that the others override it
@@ -56,7 +58,7 @@ def run_config(decoder: str, precision: str, paths: list[str], batch: int, devic
     rec = Recognizer(device=device, beam_size=beam, max_batch_size=batch, decoder=decoder,
                      decoder_precision=precision, max_batch_pixels=64_000_000,
                      compact="nocompact" not in flags, decoder_graphs="graph" in flags,
-                     rescore="none" if "norescore" in flags else "both" if "bothrescore" in flags else "auto")
+                     rescore=next((modes[f] for f in flags if f in modes), "auto"))
     if encoder_precision != "fp32":
         from abm_rt.backends.torch_backend import TorchEncoder
         rec.encoder = TorchEncoder(rec.model, rec.device, precision=encoder_precision, cuda_graphs=False,
@@ -82,7 +84,8 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N images at every batch size")
     ap.add_argument("--configs", default=",".join(f"{d}:{p}" for d, p in CONFIGS),
                     help="comma separated DECODER:PRECISION[:ENCODER_PRECISION[:FLAG+FLAG]] (encoder fp32 unless "
-                         "given; flags: graph, nocompact, tiled, fewrows, splitenergy, norescore, bothrescore)")
+                         "given; flags: graph, nocompact, tiled, fewrows, splitenergy, norescore, r2lrescore, "
+                         "bothrescore)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data = Path(args.data)
