@@ -11,11 +11,13 @@
 # kernels where N <= 32, tiled above) or "tiled" (small-batch kernels off).
 # Features are made first without a sanitizer (tools/sanitize_native_search.py explains why), then only our
 # kernels (namespace abm) run under racecheck, which also checks that the tokens are the same.
+# RACE_BRANCH=r2l checks the R2L branch's search (eos to sos; the default decoding's second search) instead of the L2R's.
 # Logs: $OUT/racecheck_<job>.log, and $OUT/racecheck_summary.txt (one line per job: rc, hazards line).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 T=${RACE_TIMEOUT:-420}
+BRANCH=${RACE_BRANCH:-l2r}
 JOBS=${RACE_JOBS:-"fp16:4:4:0:default fp16:4:4:0:tiled fp32:4:4:0:default int8:4:4:0:default \
 fp16:16:16:12:tiled fp32:16:16:12:default"}
 mkdir -p /tmp/data && { [ -d /tmp/data/crohme ] || tar -xzf .carry/crohme.tar.gz -C /tmp/data; }
@@ -23,11 +25,11 @@ only_ours=(); help=$(compute-sanitizer --help 2>&1); [[ $help == *--kernel-name*
 run_job() {   # $1: the job spec
   local prec n b ml kern name tiled=()
   IFS=: read -r prec n b ml kern <<< "$1"
-  name="real${n}_b${b}_${prec}_${kern}"; [ "$ml" != 0 ] && name+="_len$ml"
+  name="real${n}_b${b}_${prec}_${kern}"; [ "$ml" != 0 ] && name+="_len$ml"; [ "$BRANCH" != l2r ] && name+="_$BRANCH"
   [ "$kern" = tiled ] && tiled=(--tiled-kernels)
   local cap=(); [ "$ml" != 0 ] && cap=(--max-len "$ml")
   python3 tools/sanitize_native_search.py features /tmp/data/crohme/2014 --limit "$n" --batch-size "$b" \
-    --precision "$prec" "${cap[@]}" --out "/tmp/$name.pt" > "$OUT/features_$name.log" 2>&1 \
+    --precision "$prec" --branch "$BRANCH" "${cap[@]}" --out "/tmp/$name.pt" > "$OUT/features_$name.log" 2>&1 \
     || { echo "$name: features failed" >> "$OUT/racecheck_summary.txt"; return; }
   local t0=$SECONDS
   timeout "$T" compute-sanitizer --tool racecheck "${only_ours[@]}" --print-limit 20 \
