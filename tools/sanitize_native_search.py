@@ -26,9 +26,9 @@ from abm_rt import Recognizer
 from abm_rt.recognizer import load_default_engine
 from abm_rt.data.buckets import pad_batch, size_batches
 from abm_rt.data.images import load_image
+from abm_rt.data.vocab import EOS_ID, SOS_ID
 from abm_rt.decode.native import NativeDecoder, tiled_kernels
 from abm_rt.decode.native_search import native_beam_search
-from abm_rt.data.vocab import EOS_ID, SOS_ID
 
 
 def _decoder(device: str, precision: str, branch: str) -> NativeDecoder:
